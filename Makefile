@@ -1,0 +1,31 @@
+# Every target sets up .venv on first use: a fresh clone needs nothing but python3 and make.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+
+.DEFAULT_GOAL := help
+.PHONY: help overfit test lint tensorboard clean-runs
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+overfit: $(STAMP) ## the main job: overfit the 200-sample moons set, save a checkpoint
+	$(PY) train.py --run-name overfit --overwrite --epochs 60 --print-every 5
+
+test: $(STAMP) ## the test suite (CPU, gloo, real processes)
+	$(PY) -m pytest -q
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+
+tensorboard: $(STAMP) ## serve runs/ on http://127.0.0.1:6006
+	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 --port 6006

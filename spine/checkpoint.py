@@ -1,0 +1,175 @@
+"""Atomic, weights-only checkpoints and the RNG state that makes a resume exact.
+
+Layout of <checkpoints-dir>/<run-name>/:
+  step-00000123.pt   one file per save, the newest `keep` kept
+  last.pt            hard link to the newest step file (what --resume auto reads first)
+  best.pt            lowest validation loss so far
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from spine.errors import TrainingError
+
+STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`.
+
+    A crash at any point leaves either the old file or the new one, never a torn one.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _link_atomic(target: Path, link: Path) -> None:
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.link(target, tmp)
+    os.replace(tmp, link)
+
+
+def step_files(folder: Path) -> list[Path]:
+    """Step checkpoints, oldest first. Temp files of a crashed write never match."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if STEP_FILE.match(p.name))
+
+
+def clean_temp_files(folder: Path) -> list[Path]:
+    """Remove leftovers of writes that crashed half-way."""
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".") and ".tmp-" in p.name:
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def save_checkpoint(state: dict, folder: Path, global_step: int, keep: int, best: bool = False) -> Path:
+    """Save one step checkpoint, point last.pt at it, prune to the newest `keep`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{global_step:08d}.pt"
+    save_atomic(state, path)
+    _link_atomic(path, folder / "last.pt")
+    if best:
+        _link_atomic(path, folder / "best.pt")
+    for old in step_files(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    _fsync_dir(folder)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load with weights_only=True: a file whose unpickling would run code is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"checkpoint {path} does not exist") from None
+    except PermissionError:
+        raise TrainingError(f"checkpoint {path} is not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise TrainingError(f"checkpoint {path} is a directory, not a file") from None
+    except Exception as e:  # truncated zip, foreign pickle, refused global: all mean "not ours"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"checkpoint {path} is unreadable or not a weights-only checkpoint: {reason}") from None
+    if not isinstance(state, dict) or "model" not in state or "progress" not in state:
+        raise TrainingError(f"checkpoint {path} is not a checkpoint written by train.py")
+    return state
+
+
+def load_latest(folder: Path, say=print) -> tuple[dict, Path] | None:
+    """The newest checkpoint that loads, newest first: last.pt, then step files.
+
+    A corrupt newest file is reported and skipped, so one torn or damaged
+    file costs the steps since the previous save, not the run.
+    """
+    candidates = []
+    if (folder / "last.pt").exists():
+        candidates.append(folder / "last.pt")
+    candidates += list(reversed(step_files(folder)))
+    for path in candidates:
+        try:
+            return load_checkpoint(path), path
+        except TrainingError as e:
+            say(f"warning: {e}; falling back to an older checkpoint")
+    return None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(_python_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _python_state() -> tuple:
+    version, internal, gauss = random.getstate()
+    return version, list(internal), gauss
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# Config keys that must match for a resume to continue the same run. Everything
+# else (epochs, logging cadence, output folders) may change between attempts.
+MUST_MATCH = (
+    "dataset", "n_samples", "val_fraction", "noise", "dim", "classes", "data_seed", "order",
+    "model", "hidden", "activation", "dropout", "batchnorm",
+    "optimizer", "seed",
+)
+
+
+def check_compatible(state: dict, config: dict, fingerprint: str, world_size: int) -> None:
+    """Refuse a checkpoint from another model, dataset or batch layout, naming what differs."""
+    from spine.errors import UsageError
+
+    saved = state["config"]
+    for key in MUST_MATCH:
+        if saved.get(key) != config.get(key):
+            raise UsageError(
+                f"--resume: checkpoint has {key}={saved.get(key)!r} but this run has {key}={config.get(key)!r}"
+            )
+    if state["dataset_fingerprint"] != fingerprint:
+        raise UsageError(
+            f"--resume: checkpoint was trained on dataset {state['dataset_fingerprint']}, this run built {fingerprint}"
+        )
+    saved_global = saved["batch_size"] * state["world_size"]
+    this_global = config["batch_size"] * world_size
+    if saved_global != this_global:
+        raise UsageError(f"--resume: checkpoint used a global batch of {saved_global}, this run {this_global}")
+    if state["progress"]["step_in_epoch"] and state["world_size"] != world_size:
+        raise UsageError(
+            f"--resume: a mid-epoch checkpoint from world size {state['world_size']} cannot continue at world size "
+            f"{world_size}; resume from an epoch-end checkpoint"
+        )

@@ -1,0 +1,157 @@
+"""Where the numbers go: the console (rank 0 only), TensorBoard, metrics.jsonl, summary.json.
+
+Only rank 0 writes anything; the other ranks hold a logger that does nothing,
+so the loop calls it unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+COLUMNS = [
+    # (header, width, format)
+    ("epoch", 6, "{:>6}"),
+    ("step", 8, "{:>8}"),
+    ("train_loss", 11, "{:>11.4g}"),
+    ("train_acc", 9, "{:>8.2%} "),
+    ("val_loss", 10, "{:>10.4g}"),
+    ("val_acc", 8, "{:>7.2%} "),
+    ("lr", 9, "{:>9.3g}"),
+    ("grad_norm", 9, "{:>9.3g}"),
+    ("samples/s", 10, "{:>10,.0f}"),
+    ("elapsed", 8, "{:>8}"),
+    ("eta", 8, "{:>8}"),
+]
+
+
+def fmt_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "-"
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None, keep_epochs: int) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.writer = None
+        self._rows_printed = 0
+        self._process = psutil.Process()
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_metrics(keep_epochs)
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides events at or after the resume point left by an
+            # earlier attempt, so a resumed run shows no duplicated steps.
+            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+            self.writer.add_custom_scalars({
+                "train vs val": {
+                    "loss": ["Multiline", ["train/loss", "val/loss"]],
+                    "accuracy": ["Multiline", ["train/acc", "val/acc"]],
+                },
+            })
+
+    def _truncate_metrics(self, keep_epochs: int) -> None:
+        """Drop epochs after the resume point: they will be trained again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= keep_epochs]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, path)
+
+    def print(self, text: str = "") -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def header(self, lines: list[tuple[str, object]]) -> None:
+        width = max(len(k) for k, _ in lines)
+        for key, value in lines:
+            self.print(f"{key:<{width}}  {value}")
+        self.print()
+
+    def table_row(self, values: dict) -> None:
+        if not self.enabled:
+            return
+        if self._rows_printed % 25 == 0:
+            self.print(" ".join(f"{name:>{w}}" for name, w, _ in COLUMNS))
+        cells = []
+        for name, width, spec in COLUMNS:
+            v = values.get(name)
+            cells.append(" " * width if v is None else spec.format(v))
+        self.print(" ".join(cells))
+        self._rows_printed += 1
+
+    def step_scalars(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
+        if self.writer:
+            self.writer.add_scalar("step/train_loss", loss, step)
+            self.writer.add_scalar("step/lr", lr, step)
+            self.writer.add_scalar("step/grad_norm", grad_norm, step)
+
+    def epoch(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = dict(record, rss_mb=self._process.memory_info().rss / 2**20)
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        if self.writer:
+            step = record["step"]
+            for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+                self.writer.add_scalar(key, record[key.replace("/", "_")], step)
+            self.writer.add_scalar("perf/samples_per_sec", record["samples_per_sec"], step)
+            self.writer.add_scalar("perf/epoch_seconds", record["epoch_seconds"], step)
+            self.writer.add_scalar("perf/rss_mb", record["rss_mb"], step)
+            self.writer.add_scalar("train/epoch", record["epoch"], step)
+
+    def hparams(self, config: dict, final: dict) -> None:
+        if not self.writer:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in config.items()}
+        flat = {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
+        metrics = {f"hparam/{k}": v for k, v in final.items() if isinstance(v, (int, float)) and v is not None}
+        # Written into this run's own event file (add_hparams would open a sub-run).
+        for summary in hparams(flat, metrics):
+            self.writer.file_writer.add_summary(summary)
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v)
+
+    def summary(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        path = self.run_dir / "summary.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.metrics_file.close()
+        if self.writer:
+            self.writer.close()
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

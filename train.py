@@ -1,0 +1,339 @@
+"""A hand-written training loop, the same on one process and on N ranks.
+
+    python train.py --epochs 50                              # one process
+    torchrun --standalone --nproc_per_node=2 train.py ...    # two ranks, gloo on CPU / nccl on GPU
+
+Read `train()` top to bottom: data, model, optimizer, sampler, then the loop
+(forward, loss, backward, step, zero-grad), then `evaluate()`. Everything that
+is not the loop (flags, process group, checkpoints, logging) lives in spine/.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
+
+from data import build_dataset
+from models import build_model
+from spine import checkpoint as ckpt
+from spine.config import Config, parse_config
+from spine.distributed import (
+    DistContext,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    distributed_session,
+    gather_objects,
+    launch_env,
+    per_rank_values,
+)
+from spine.errors import TrainingError, UsageError
+from spine.logger import RunLogger, fmt_seconds, now
+from spine.metrics import EpochMeter
+from spine.optim import build_optimizer, build_scheduler
+
+
+@torch.no_grad()  # no autograd graph: validation must not build one, nor touch .grad
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext, batch_size: int) -> tuple[float, float]:
+    """Exact loss and accuracy of `model` on (x, y), shared out over the ranks.
+
+    DistributedSampler pads the index list (repeating its first entries) until
+    it divides by the world size; counting those repeats would bias the metric.
+    Padded positions are dropped, sums and counts are reduced over ranks, and
+    only then divided: the result equals a single-process evaluation.
+    """
+    model.eval()  # dropout off, BatchNorm uses its running statistics
+    sampler = DistributedSampler(range(len(x)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=False)
+    shard = torch.tensor(list(sampler), dtype=torch.long, device=x.device)
+    # This rank's k-th index sits at position rank + k*world of the padded list; positions >= len(x) are padding.
+    position = ctx.rank + ctx.world_size * torch.arange(len(shard), device=x.device)
+    shard = shard[position < len(x)]
+    totals = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss sum, correct, count
+    for start in range(0, len(shard), batch_size):
+        idx = shard[start:start + batch_size]
+        logits = model(x[idx])
+        totals[0] += F.cross_entropy(logits, y[idx], reduction="none").double().sum()
+        totals[1] += (logits.argmax(1) == y[idx]).sum()
+        totals[2] += len(idx)
+    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    return loss_sum / count, correct / count
+
+
+def train(cfg: Config, ctx: DistContext) -> dict:
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    ckpt_dir = Path(cfg.checkpoints_dir) / cfg.run_name
+
+    # Data: generated from --data-seed on every rank, never from the rank, so the shards line up.
+    data = build_dataset(cfg.dataset, cfg.n_samples, cfg.val_fraction, cfg.noise, cfg.dim, cfg.classes,
+                         cfg.data_seed, cfg.order).to(ctx.device)
+    fingerprints = per_rank_values(int(data.fingerprint[:13], 16), ctx)
+    if len(set(fingerprints)) != 1:
+        raise TrainingError(f"ranks built different datasets (fingerprints {fingerprints}); check --data-seed and the code")
+
+    # Model: the same seed gives every rank the same initial weights (DDP would broadcast rank 0's anyway).
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.in_dim, data.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
+                        cfg.batchnorm).to(ctx.device)
+    # DDP averages gradients across ranks during backward(); at world 1 there is nothing to average.
+    ddp_model = DDP(model) if ctx.world_size > 1 else model
+    params = list(model.parameters())
+    optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()  # expects raw logits: it applies log-softmax itself
+
+    # Each rank gets a disjoint 1/world of a permutation that depends on seed + epoch.
+    sampler = DistributedSampler(range(len(data.train_x)), num_replicas=ctx.world_size, rank=ctx.rank,
+                                 shuffle=True, seed=cfg.seed)
+    steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
+    scheduler = build_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.schedule, cfg.warmup_steps)
+
+    # Resume, or start fresh. Decided on every rank from the same files, before anything is written.
+    epoch, step_in_epoch, global_step, elapsed_before = 0, 0, 0, 0.0
+    meter = EpochMeter()
+    tracker = {"best_val_loss": math.inf, "best_val_acc": None, "best_epoch": None, "best_step": None,
+               "epochs_to_100_train_acc": None, "steps_to_100_train_acc": None, "initial_loss": None,
+               "first_step_loss": None}
+    resumed = _load_resume(cfg, ctx, ckpt_dir, run_dir, data.fingerprint, say)
+    barrier()  # every rank has looked at the folders before rank 0 writes to them
+    if resumed:
+        state, path = resumed
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        p = state["progress"]
+        epoch, step_in_epoch, global_step, elapsed_before = p["epoch"], p["step_in_epoch"], p["global_step"], p["elapsed"]
+        meter.load_state_dict(state["meter"], ctx.device)
+        tracker.update(state["tracker"])
+        if state["world_size"] == ctx.world_size:
+            ckpt.set_rng_state(state["rng"][ctx.rank])  # dropout masks continue where they stopped
+        else:
+            torch.manual_seed(cfg.seed * 1000 + 1 + ctx.rank)
+        say(f"resumed from {path} at epoch {epoch}, step {global_step}")
+    else:
+        if cfg.overwrite and ctx.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        tracker["initial_loss"], _ = evaluate(model, data.train_x, data.train_y, ctx, cfg.eval_batch_size)
+        # Dropout masks: a different stream per rank, since each rank sees different samples.
+        torch.manual_seed(cfg.seed * 1000 + 1 + ctx.rank)
+
+    logger = RunLogger(run_dir, ctx.is_main, cfg.tensorboard, purge_step=global_step + 1 if resumed else None,
+                       keep_epochs=epoch)
+    logger.header([
+        ("run", f"{cfg.run_name}  (logs {run_dir}, checkpoints {ckpt_dir})"),
+        ("world", f"{ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}, {ctx.threads} thread(s) per rank"),
+        ("batch", f"{cfg.batch_size} per rank, {cfg.batch_size * ctx.world_size} global, {steps_per_epoch} steps per epoch"),
+        ("data", f"{cfg.dataset}: {len(data.train_x)} train / {len(data.val_x)} val, {data.in_dim}-d, "
+                 f"{data.num_classes} classes, fingerprint {data.fingerprint}"),
+        ("model", f"{cfg.model} {list(cfg.hidden)}, {sum(p.numel() for p in params):,} parameters"),
+        ("optimizer", f"{cfg.optimizer} lr {cfg.lr:g}, schedule {cfg.schedule}, warmup {cfg.warmup_steps}, "
+                      f"grad clip {cfg.grad_clip or 'off'}"),
+        ("initial loss", f"{tracker['initial_loss']:.4f}  (ln K = {math.log(data.num_classes):.4f} for K = {data.num_classes})"),
+    ])
+
+    def save(epoch: int, position: int, best: bool = False) -> None:
+        """Rank 0 writes; every rank's RNG state goes in, so dropout resumes exactly where it stopped."""
+        rng = gather_objects(ckpt.rng_state(), ctx)
+        if ctx.is_main:
+            state = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "progress": {"epoch": epoch, "step_in_epoch": position, "global_step": global_step,
+                             "elapsed": elapsed_before + now() - t_start},
+                "meter": meter.state_dict(), "tracker": tracker, "rng": rng, "config": cfg.to_dict(),
+                "world_size": ctx.world_size, "dataset_fingerprint": data.fingerprint, "torch_version": torch.__version__,
+            }
+            ckpt.save_checkpoint(state, ckpt_dir, global_step, cfg.keep_checkpoints, best)
+        barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
+
+    def first_non_finite(since: int) -> str | None:
+        """Collective: a NaN on one rank must stop every rank at the same step, or the others hang."""
+        losses, norms = meter.series(since)
+        bad = next((i for i, (a, g) in enumerate(zip(losses, norms)) if not (math.isfinite(a) and math.isfinite(g))), None)
+        bad_steps = per_rank_values(0 if bad is None else global_step - len(losses) + bad + 1, ctx)
+        if not any(bad_steps):
+            return None
+        first = min(s for s in bad_steps if s)
+        return f"non-finite loss or gradient at step {int(first)} on rank {bad_steps.index(first)}"
+
+    def safe_to_save(since: int) -> str | None:
+        """Why the current weights must not be saved (non-finite anywhere), or None."""
+        problem = first_non_finite(since)
+        bad_params = torch.tensor([float(not all(torch.isfinite(p).all() for p in params))], device=ctx.device)
+        if problem is None and all_reduce_max(bad_params).item():
+            problem = f"non-finite parameters at step {global_step}"
+        return problem
+
+    t_start = now()
+    first_epoch = epoch
+    samples_trained, train_seconds, diverged = 0, 0.0, None
+    checked = len(meter)  # steps of this epoch already checked for non-finite values
+
+    while epoch < cfg.epochs and not diverged:
+        # The shuffle is a permutation seeded by seed + epoch: without set_epoch every epoch repeats epoch 0's order.
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long, device=ctx.device)
+        model.train()  # dropout on, BatchNorm uses (and updates) batch statistics; evaluate() switched it off
+        t_epoch = now()
+        for position in range(step_in_epoch, steps_per_epoch):
+            idx = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
+            x, y = data.train_x[idx], data.train_y[idx]
+            logits = ddp_model(x)  # forward
+            loss = loss_fn(logits, y)  # mean over this rank's batch; DDP's averaging makes it the global mean
+            loss.backward()  # gradients; under DDP, all-reduced across ranks as they are produced
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+            optimizer.step()
+            # .grad accumulates by default: without this, every step would also re-apply all earlier gradients.
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            meter.record(loss, (logits.argmax(1) == y).sum(), grad_norm, len(idx))
+            global_step += 1
+
+            if global_step % cfg.log_every == 0:  # the only host syncs inside an epoch
+                if diverged := first_non_finite(checked):
+                    break
+                checked = len(meter)
+                _log_step(logger, meter, global_step, scheduler.get_last_lr()[0], epoch,
+                          elapsed_before + now() - t_start, console=steps_per_epoch > cfg.log_every)
+            if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0:
+                if diverged := safe_to_save(checked):
+                    break
+                checked = len(meter)
+                save(epoch, position + 1)
+        if diverged or (diverged := first_non_finite(checked)):
+            break
+        epoch_seconds = now() - t_epoch
+        train_seconds += epoch_seconds
+        samples_trained += sum(meter.sizes) * ctx.world_size
+
+        train_loss, train_acc = meter.reduce(ctx)  # global: sums and counts over ranks, then one division
+        if tracker["first_step_loss"] is None:
+            tracker["first_step_loss"] = meter.series(0)[0][0]
+        broadcast_buffers(model)
+        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size)
+        epoch, step_in_epoch, checked, meter = epoch + 1, 0, 0, EpochMeter()
+
+        row = {"epoch": epoch, "step": global_step, "train_loss": train_loss, "train_acc": train_acc,
+               "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
+               "samples_per_sec": len(sampler) * ctx.world_size / epoch_seconds, "epoch_seconds": epoch_seconds}
+        tracker["final"] = {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+        if train_acc == 1.0 and tracker["epochs_to_100_train_acc"] is None:
+            tracker["epochs_to_100_train_acc"], tracker["steps_to_100_train_acc"] = epoch, global_step
+        is_best = val_loss < tracker["best_val_loss"]
+        if is_best:
+            tracker.update(best_val_loss=val_loss, best_val_acc=val_acc, best_epoch=epoch, best_step=global_step)
+        logger.epoch(row)
+        if epoch % cfg.print_every == 0 or epoch == cfg.epochs:
+            elapsed = elapsed_before + now() - t_start
+            eta = (now() - t_start) / (epoch - first_epoch) * (cfg.epochs - epoch)
+            logger.table_row(dict(row, **{"samples/s": row["samples_per_sec"]},
+                                  elapsed=fmt_seconds(elapsed), eta=fmt_seconds(eta)))
+        if epoch % cfg.checkpoint_every_epochs == 0 or epoch == cfg.epochs or is_best:
+            if diverged := safe_to_save(0):
+                break
+            save(epoch, 0, best=is_best)
+
+    if diverged:
+        say(f"stopped: {diverged}; no checkpoint written after the last finite one")
+    summary = {
+        "config": cfg.to_dict(), "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
+        "threads_per_rank": ctx.threads,
+        "final": tracker.get("final"),
+        "best": {"val_loss": tracker["best_val_loss"], "val_acc": tracker["best_val_acc"],
+                 "epoch": tracker["best_epoch"], "step": tracker["best_step"]},
+        "epochs_to_100_train_acc": tracker["epochs_to_100_train_acc"],
+        "steps_to_100_train_acc": tracker["steps_to_100_train_acc"],
+        "initial_loss": tracker["initial_loss"], "first_step_loss": tracker["first_step_loss"],
+        "ln_num_classes": math.log(data.num_classes),
+        "epochs_completed": epoch, "global_step": global_step,
+        "wall_seconds": elapsed_before + now() - t_start,
+        "train_samples_per_sec": samples_trained / train_seconds if train_seconds else None,
+        "diverged": diverged is not None, "divergence": diverged,
+        "symptoms": [],
+        "checkpoints": {"last": str(ckpt_dir / "last.pt"), "best": str(ckpt_dir / "best.pt")},
+    }
+    summary = _finite_or_none(summary)
+    logger.hparams(cfg.to_dict(), summary["final"] or {})
+    logger.summary(summary)
+    logger.close()
+    if summary["final"]:
+        f = summary["final"]
+        say(f"done: {epoch} epochs, {global_step} steps, {fmt_seconds(summary['wall_seconds'])}; train loss "
+            f"{f['train_loss']:.4g} acc {f['train_acc']:.2%}, val loss {f['val_loss']:.4g} acc {f['val_acc']:.2%}")
+    return summary
+
+
+def _log_step(logger: RunLogger, meter: EpochMeter, step: int, lr: float, epoch: int, elapsed: float,
+              console: bool) -> None:
+    """Per-step scalars for TensorBoard, sampled every --log-every steps; a console line in long epochs."""
+    losses, norms = meter.series(len(meter) - 1)
+    logger.step_scalars(step, losses[0], lr, norms[0])
+    if console:
+        logger.table_row({"epoch": epoch + 1, "step": step, "train_loss": losses[0], "lr": lr,
+                          "grad_norm": norms[0], "elapsed": fmt_seconds(elapsed)})
+
+
+def _finite_or_none(value):
+    """JSON has no NaN or inf: they become null."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _load_resume(cfg: Config, ctx: DistContext, ckpt_dir: Path, run_dir: Path, fingerprint: str, say):
+    """The checkpoint to continue from, or None; refuses to silently overwrite an earlier run."""
+    if cfg.resume == "auto":
+        found = ckpt.load_latest(ckpt_dir, say=say)
+        if found is None:
+            say(f"--resume auto: no checkpoint in {ckpt_dir}, starting fresh")
+    elif cfg.resume:
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise UsageError(f"--resume: no checkpoint file at {path}")
+        try:
+            found = ckpt.load_checkpoint(path), path
+        except TrainingError as e:
+            raise UsageError(f"--resume: {e}") from None
+    else:
+        found = None
+        existing = [d for d in (run_dir, ckpt_dir) if d.exists() and any(d.iterdir())]
+        if existing and not cfg.overwrite:
+            raise UsageError(f"run {cfg.run_name!r} already exists ({existing[0]}); pass --resume auto to continue it, "
+                             "--overwrite to replace it, or another --run-name")
+    if found:
+        ckpt.check_compatible(found[0], cfg.to_dict(), fingerprint, ctx.world_size)
+    return found
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    rank = launch_env()[0]
+    try:
+        cfg = parse_config(argv)
+        with distributed_session(cfg.device, cfg.threads, cfg.pg_timeout) as ctx:
+            summary = train(cfg, ctx)
+        return 3 if summary["diverged"] else 0
+    except UsageError as e:
+        if rank == 0:  # every rank validates the same flags; one message is enough
+            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingError as e:
+        print(f"train.py: error on rank {rank}: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
