@@ -22,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
-from data import build_dataset
+from data import build_dataset, fingerprint
 from models import build_model
 from spine import checkpoint as ckpt
 from spine.config import Config, parse_config
@@ -44,7 +44,8 @@ from spine.optim import build_optimizer, build_scheduler
 
 
 @torch.no_grad()  # no autograd graph: validation must not build one, nor touch .grad
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext, batch_size: int) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext,
+             batch_size: int) -> tuple[float, float]:
     """Exact loss and accuracy of `model` on (x, y), shared out over the ranks.
 
     DistributedSampler pads the index list (repeating its first entries) until
@@ -79,7 +80,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                          cfg.data_seed, cfg.order).to(ctx.device)
     fingerprints = per_rank_values(int(data.fingerprint[:13], 16), ctx)
     if len(set(fingerprints)) != 1:
-        raise TrainingError(f"ranks built different datasets (fingerprints {fingerprints}); check --data-seed and the code")
+        raise TrainingError(f"ranks built different datasets (fingerprints {fingerprints}); "
+                            "check --data-seed and that every rank runs the same code")
 
     # Model: the same seed gives every rank the same initial weights (DDP would broadcast rank 0's anyway).
     torch.manual_seed(cfg.seed)
@@ -110,8 +112,9 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        p = state["progress"]
-        epoch, step_in_epoch, global_step, elapsed_before = p["epoch"], p["step_in_epoch"], p["global_step"], p["elapsed"]
+        progress = state["progress"]
+        epoch, step_in_epoch = progress["epoch"], progress["step_in_epoch"]
+        global_step, elapsed_before = progress["global_step"], progress["elapsed"]
         meter.load_state_dict(state["meter"], ctx.device)
         tracker.update(state["tracker"])
         if state["world_size"] == ctx.world_size:
@@ -131,14 +134,17 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                        keep_epochs=epoch)
     logger.header([
         ("run", f"{cfg.run_name}  (logs {run_dir}, checkpoints {ckpt_dir})"),
-        ("world", f"{ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}, {ctx.threads} thread(s) per rank"),
-        ("batch", f"{cfg.batch_size} per rank, {cfg.batch_size * ctx.world_size} global, {steps_per_epoch} steps per epoch"),
+        ("world", f"{ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}, "
+                  f"{ctx.threads} thread(s) per rank"),
+        ("batch", f"{cfg.batch_size} per rank, {cfg.batch_size * ctx.world_size} global, "
+                  f"{steps_per_epoch} steps per epoch"),
         ("data", f"{cfg.dataset}: {len(data.train_x)} train / {len(data.val_x)} val, {data.in_dim}-d, "
                  f"{data.num_classes} classes, fingerprint {data.fingerprint}"),
         ("model", f"{cfg.model} {list(cfg.hidden)}, {sum(p.numel() for p in params):,} parameters"),
         ("optimizer", f"{cfg.optimizer} lr {cfg.lr:g}, schedule {cfg.schedule}, warmup {cfg.warmup_steps}, "
                       f"grad clip {cfg.grad_clip or 'off'}"),
-        ("initial loss", f"{tracker['initial_loss']:.4f}  (ln K = {math.log(data.num_classes):.4f} for K = {data.num_classes})"),
+        ("initial loss", f"{tracker['initial_loss']:.4f}  "
+                         f"(ln K = {math.log(data.num_classes):.4f} for K = {data.num_classes})"),
     ])
 
     def save(epoch: int, position: int, best: bool = False) -> None:
@@ -150,7 +156,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                 "progress": {"epoch": epoch, "step_in_epoch": position, "global_step": global_step,
                              "elapsed": elapsed_before + now() - t_start},
                 "meter": meter.state_dict(), "tracker": tracker, "rng": rng, "config": cfg.to_dict(),
-                "world_size": ctx.world_size, "dataset_fingerprint": data.fingerprint, "torch_version": torch.__version__,
+                "world_size": ctx.world_size, "dataset_fingerprint": data.fingerprint,
+                "torch_version": str(torch.__version__),
             }
             ckpt.save_checkpoint(state, ckpt_dir, global_step, cfg.keep_checkpoints, best)
         barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
@@ -158,7 +165,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     def first_non_finite(since: int) -> str | None:
         """Collective: a NaN on one rank must stop every rank at the same step, or the others hang."""
         losses, norms = meter.series(since)
-        bad = next((i for i, (a, g) in enumerate(zip(losses, norms)) if not (math.isfinite(a) and math.isfinite(g))), None)
+        finite = [math.isfinite(a) and math.isfinite(g) for a, g in zip(losses, norms, strict=True)]
+        bad = finite.index(False) if False in finite else None
         bad_steps = per_rank_values(0 if bad is None else global_step - len(losses) + bad + 1, ctx)
         if not any(bad_steps):
             return None
@@ -218,15 +226,18 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         samples_trained += sum(meter.sizes) * ctx.world_size
 
         train_loss, train_acc = meter.reduce(ctx)  # global: sums and counts over ranks, then one division
+        step_losses, step_grad_norms = meter.series(0)  # this rank's; rank 0's go to the log
         if tracker["first_step_loss"] is None:
-            tracker["first_step_loss"] = meter.series(0)[0][0]
+            tracker["first_step_loss"] = step_losses[0]
         broadcast_buffers(model)
         val_loss, val_acc = evaluate(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size)
         epoch, step_in_epoch, checked, meter = epoch + 1, 0, 0, EpochMeter()
 
         row = {"epoch": epoch, "step": global_step, "train_loss": train_loss, "train_acc": train_acc,
                "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
-               "samples_per_sec": len(sampler) * ctx.world_size / epoch_seconds, "epoch_seconds": epoch_seconds}
+               "grad_norm": sum(step_grad_norms) / len(step_grad_norms),
+               "samples_per_sec": len(sampler) * ctx.world_size / epoch_seconds, "epoch_seconds": epoch_seconds,
+               "order_fingerprint": fingerprint(order), "step_losses": step_losses, "step_grad_norms": step_grad_norms}
         tracker["final"] = {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
         if train_acc == 1.0 and tracker["epochs_to_100_train_acc"] is None:
             tracker["epochs_to_100_train_acc"], tracker["steps_to_100_train_acc"] = epoch, global_step
@@ -246,6 +257,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
 
     if diverged:
         say(f"stopped: {diverged}; no checkpoint written after the last finite one")
+    # Bitwise fingerprints of every rank's weights: DDP keeps replicas identical, so these must all be equal.
+    replica_checksums = gather_objects(fingerprint(*params), ctx)
     summary = {
         "config": cfg.to_dict(), "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
         "threads_per_rank": ctx.threads,
@@ -261,6 +274,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         "train_samples_per_sec": samples_trained / train_seconds if train_seconds else None,
         "diverged": diverged is not None, "divergence": diverged,
         "symptoms": [],
+        "replica_checksums": replica_checksums,
         "checkpoints": {"last": str(ckpt_dir / "last.pt"), "best": str(ckpt_dir / "best.pt")},
     }
     summary = _finite_or_none(summary)

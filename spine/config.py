@@ -93,6 +93,15 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except for on/off switches where "(default: False)" says nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse prints usage plus the error; we want just the error, one line."""
 
@@ -106,32 +115,38 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Hand-written, DDP-aware training loop on synthetic data. "
         "Run with `python train.py` (one process) or `torchrun --nproc_per_node=N train.py` (N ranks).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, help=f"one of: {', '.join(DATASETS)}")
     g.add_argument("--n-samples", type=int, default=d.n_samples, help="total samples, train + validation")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share held out for validation, in (0, 1)")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share held out for validation, in (0, 1)")
     g.add_argument("--noise", type=float, default=d.noise, help="noise level of the generator (>= 0)")
     g.add_argument("--dim", type=int, default=d.dim, help="input dimensions (rule dataset only)")
     g.add_argument("--classes", type=int, default=d.classes, help="number of classes (rule dataset only)")
-    g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the data generator, independent of --seed")
+    g.add_argument("--data-seed", type=int, default=d.data_seed,
+                   help="seed of the data generator, independent of --seed")
     g.add_argument("--order", choices=("random", "sorted"), default=d.order,
                    help="storage order of the training set: sorted groups it by class")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help=f"one of: {', '.join(MODELS)}")
     g.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden widths, comma-separated, e.g. 64,64")
     g.add_argument("--activation", choices=("relu", "tanh", "gelu"), default=d.activation)
-    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout probability after each hidden layer, in [0, 1)")
+    g.add_argument("--dropout", type=float, default=d.dropout,
+                   help="dropout probability after each hidden layer, in [0, 1)")
     g.add_argument("--batchnorm", action="store_true", help="BatchNorm1d after each hidden linear layer")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default=d.optimizer, help=f"one of: {', '.join(OPTIMIZERS)}")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (> 0)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum, in [0, 1)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 (SGD, Adam) or decoupled (AdamW) weight decay")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="L2 (SGD, Adam) or decoupled (AdamW) weight decay")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="learning-rate schedule after warmup")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup from 0 to --lr over this many steps")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global grad norm to this value; 0 = off (the norm is logged either way)")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear warmup from 0 to --lr over this many steps")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help="clip the global grad norm to this value; 0 = off (the norm is logged either way)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="total epochs; a resume continues up to this number")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per rank per step")
     g.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
@@ -147,11 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a collective may wait for a lost rank before failing")
     g = p.add_argument_group("outputs")
     g.add_argument("--run-name", default=d.run_name, help="name of the run; default <dataset>-<model>-seed<seed>")
-    g.add_argument("--runs-dir", default=d.runs_dir, help="TensorBoard logs, metrics.jsonl and summary.json go to <runs-dir>/<run-name>/")
-    g.add_argument("--checkpoints-dir", default=d.checkpoints_dir, help="checkpoints go to <checkpoints-dir>/<run-name>/")
+    g.add_argument("--runs-dir", default=d.runs_dir,
+                   help="TensorBoard logs, metrics.jsonl and summary.json go to <runs-dir>/<run-name>/")
+    g.add_argument("--checkpoints-dir", default=d.checkpoints_dir,
+                   help="checkpoints go to <checkpoints-dir>/<run-name>/")
     g.add_argument("--resume", default=d.resume,
-                   help="'auto' = continue from the run's last.pt if there is one, else start fresh; or a checkpoint path")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name instead of refusing")
+                   help="'auto' = continue from the run's last.pt if there is one, else start fresh; or a checkpoint "
+                        "path")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run of the same name instead of refusing")
     g.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps,
                    help="also write last.pt every N optimizer steps; 0 = only at epoch ends")
     g.add_argument("--checkpoint-every-epochs", type=int, default=d.checkpoint_every_epochs,
@@ -159,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="step checkpoints kept on disk (newest first); last.pt and best.pt point into them")
     g.add_argument("--log-every", type=int, default=d.log_every,
-                   help="every N steps: per-step scalars to TensorBoard, a non-finite check, and a console line in long epochs")
-    g.add_argument("--print-every", type=int, default=d.print_every, help="console line every N epochs (the last is always printed)")
+                   help="every N steps: per-step scalars to TensorBoard, a non-finite check, and a console line in "
+                        "long epochs")
+    g.add_argument("--print-every", type=int, default=d.print_every,
+                   help="console line every N epochs (the last is always printed)")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip TensorBoard event files")
     return p
 
@@ -182,7 +203,8 @@ def _resolve_batch(cfg: Config, world_size: int) -> Config:
     if cfg.global_batch_size:
         if cfg.global_batch_size < 0 or cfg.global_batch_size % world_size:
             raise UsageError(
-                f"--global-batch-size {cfg.global_batch_size} must be positive and divide by the world size {world_size}"
+                f"--global-batch-size {cfg.global_batch_size} must be positive and divide by the world size "
+                f"{world_size}"
             )
         return dataclasses.replace(cfg, batch_size=cfg.global_batch_size // world_size)
     return cfg
@@ -195,7 +217,8 @@ def validate(cfg: Config, world_size: int) -> None:
 
     need(cfg.dataset in DATASETS, f"--dataset: unknown dataset {cfg.dataset!r} (choose from {', '.join(DATASETS)})")
     need(cfg.model in MODELS, f"--model: unknown model {cfg.model!r} (choose from {', '.join(MODELS)})")
-    need(cfg.optimizer in OPTIMIZERS, f"--optimizer: unknown optimizer {cfg.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+    need(cfg.optimizer in OPTIMIZERS,
+         f"--optimizer: unknown optimizer {cfg.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
     need(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}")
     need(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
     need(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
@@ -213,7 +236,8 @@ def validate(cfg: Config, world_size: int) -> None:
     need(cfg.threads >= 0, f"--threads must be >= 0 (0 = automatic), got {cfg.threads}")
     need(cfg.pg_timeout > 0, f"--pg-timeout must be positive, got {cfg.pg_timeout}")
     need(cfg.checkpoint_every_steps >= 0, f"--checkpoint-every-steps must be >= 0, got {cfg.checkpoint_every_steps}")
-    need(cfg.checkpoint_every_epochs > 0, f"--checkpoint-every-epochs must be positive, got {cfg.checkpoint_every_epochs}")
+    need(cfg.checkpoint_every_epochs > 0,
+         f"--checkpoint-every-epochs must be positive, got {cfg.checkpoint_every_epochs}")
     need(cfg.keep_checkpoints > 0, f"--keep-checkpoints must be positive, got {cfg.keep_checkpoints}")
     need(cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}")
     need(cfg.print_every > 0, f"--print-every must be positive, got {cfg.print_every}")

@@ -42,7 +42,8 @@ def fmt_seconds(s: float) -> str:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None, keep_epochs: int) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None,
+                 keep_epochs: int) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self.writer = None
@@ -108,7 +109,7 @@ class RunLogger:
         if not self.enabled:
             return
         record = dict(record, rss_mb=self._process.memory_info().rss / 2**20)
-        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
         self.metrics_file.flush()
         if self.writer:
             step = record["step"]
