@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit test lint tensorboard clean-runs
+.PHONY: help overfit overfit-seeds overfit-study test lint tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -18,8 +18,14 @@ $(STAMP): requirements.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-overfit: $(STAMP) ## the main job: overfit the 200-sample moons set, save a checkpoint
-	$(PY) train.py --run-name overfit --overwrite --epochs 60 --print-every 5
+overfit: $(STAMP) ## the main job: overfit the 200-sample moons set, save checkpoints/overfit/
+	$(PY) train.py --run-name overfit --overwrite --print-every 10
+
+overfit-seeds: $(STAMP) ## seeds 0-9 with the default recipe: epochs/steps to 100% acc and loss <= 1e-3
+	$(PY) launch/overfit_seeds.py --out reports/overfit
+
+overfit-study: $(STAMP) ## one-at-a-time study of lr, width, depth, batch, optimizer, data (table + PNGs)
+	$(PY) launch/overfit_study.py --out reports/overfit
 
 test: $(STAMP) ## the test suite (CPU, gloo, real processes)
 	$(PY) -m pytest -q

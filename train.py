@@ -78,6 +78,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     # Data: generated from --data-seed on every rank, never from the rank, so the shards line up.
     data = build_dataset(cfg.dataset, cfg.n_samples, cfg.val_fraction, cfg.noise, cfg.dim, cfg.classes,
                          cfg.data_seed, cfg.order).to(ctx.device)
+    if cfg.limit_samples:
+        data = data.limit_train(cfg.limit_samples)
     fingerprints = per_rank_values(int(data.fingerprint[:13], 16), ctx)
     if len(set(fingerprints)) != 1:
         raise TrainingError(f"ranks built different datasets (fingerprints {fingerprints}); "
@@ -103,7 +105,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     epoch, step_in_epoch, global_step, elapsed_before = 0, 0, 0, 0.0
     meter = EpochMeter()
     tracker = {"best_val_loss": math.inf, "best_val_acc": None, "best_epoch": None, "best_step": None,
-               "epochs_to_100_train_acc": None, "steps_to_100_train_acc": None, "initial_loss": None,
+               "epochs_to_100_train_acc": None, "steps_to_100_train_acc": None,
+               "epochs_to_target_loss": None, "steps_to_target_loss": None, "initial_loss": None,
                "first_step_loss": None}
     resumed = _load_resume(cfg, ctx, ckpt_dir, run_dir, data.fingerprint, say)
     barrier()  # every rank has looked at the folders before rank 0 writes to them
@@ -232,6 +235,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         broadcast_buffers(model)
         val_loss, val_acc = evaluate(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size)
         epoch, step_in_epoch, checked, meter = epoch + 1, 0, 0, EpochMeter()
+        if not math.isfinite(val_loss):  # reduced over ranks, so every rank takes this branch together
+            diverged = f"non-finite validation loss after epoch {epoch}"
 
         row = {"epoch": epoch, "step": global_step, "train_loss": train_loss, "train_acc": train_acc,
                "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
@@ -241,7 +246,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         tracker["final"] = {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
         if train_acc == 1.0 and tracker["epochs_to_100_train_acc"] is None:
             tracker["epochs_to_100_train_acc"], tracker["steps_to_100_train_acc"] = epoch, global_step
-        is_best = val_loss < tracker["best_val_loss"]
+        if train_loss <= cfg.target_loss and tracker["epochs_to_target_loss"] is None:
+            tracker["epochs_to_target_loss"], tracker["steps_to_target_loss"] = epoch, global_step
+        due = epoch % cfg.checkpoint_every_epochs == 0 or epoch == cfg.epochs
+        is_best = due and val_loss < tracker["best_val_loss"]
         if is_best:
             tracker.update(best_val_loss=val_loss, best_val_acc=val_acc, best_epoch=epoch, best_step=global_step)
         logger.epoch(row)
@@ -250,7 +258,11 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             eta = (now() - t_start) / (epoch - first_epoch) * (cfg.epochs - epoch)
             logger.table_row(dict(row, **{"samples/s": row["samples_per_sec"]},
                                   elapsed=fmt_seconds(elapsed), eta=fmt_seconds(eta)))
-        if epoch % cfg.checkpoint_every_epochs == 0 or epoch == cfg.epochs or is_best:
+        if diverged:
+            break
+        # best.pt is the best of the checkpoints the cadence writes: saving every improvement would cost an
+        # fsync per epoch on tiny runs, where epochs take milliseconds.
+        if due:
             if diverged := safe_to_save(0):
                 break
             save(epoch, 0, best=is_best)
@@ -267,6 +279,9 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                  "epoch": tracker["best_epoch"], "step": tracker["best_step"]},
         "epochs_to_100_train_acc": tracker["epochs_to_100_train_acc"],
         "steps_to_100_train_acc": tracker["steps_to_100_train_acc"],
+        "target_loss": cfg.target_loss,
+        "epochs_to_target_loss": tracker["epochs_to_target_loss"],
+        "steps_to_target_loss": tracker["steps_to_target_loss"],
         "initial_loss": tracker["initial_loss"], "first_step_loss": tracker["first_step_loss"],
         "ln_num_classes": math.log(data.num_classes),
         "epochs_completed": epoch, "global_step": global_step,
@@ -282,9 +297,13 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     logger.summary(summary)
     logger.close()
     if summary["final"]:
-        f = summary["final"]
+        f = {k: "n/a" if v is None else f"{v:.4g}" if "loss" in k else f"{v:.2%}" for k, v in summary["final"].items()}
         say(f"done: {epoch} epochs, {global_step} steps, {fmt_seconds(summary['wall_seconds'])}; train loss "
-            f"{f['train_loss']:.4g} acc {f['train_acc']:.2%}, val loss {f['val_loss']:.4g} acc {f['val_acc']:.2%}")
+            f"{f['train_loss']} acc {f['train_acc']}, val loss {f['val_loss']} acc {f['val_acc']}")
+        milestones = (("100% train accuracy", "100_train_acc"), (f"train loss <= {cfg.target_loss:g}", "target_loss"))
+        for what, key in milestones:
+            at_epoch, at_step = summary[f"epochs_to_{key}"], summary[f"steps_to_{key}"]
+            say(f"{what}: " + (f"first reached at epoch {at_epoch}, step {at_step}" if at_epoch else "not reached"))
     return summary
 
 

@@ -48,6 +48,11 @@ class SplitDataset:
     num_classes: int
     fingerprint: str
 
+    def limit_train(self, n: int) -> SplitDataset:
+        """Keep the first n training samples (validation untouched): the single-batch overfit check."""
+        return SplitDataset(self.train_x[:n], self.train_y[:n], self.val_x, self.val_y, self.in_dim,
+                            self.num_classes, self.fingerprint)
+
     def to(self, device: torch.device) -> SplitDataset:
         move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "val_x", "val_y")}
         return SplitDataset(**move, in_dim=self.in_dim, num_classes=self.num_classes, fingerprint=self.fingerprint)

@@ -144,7 +144,7 @@ def set_rng_state(state: dict) -> None:
 # Config keys that must match for a resume to continue the same run. Everything
 # else (epochs, logging cadence, output folders) may change between attempts.
 MUST_MATCH = (
-    "dataset", "n_samples", "val_fraction", "noise", "dim", "classes", "data_seed", "order",
+    "dataset", "n_samples", "val_fraction", "noise", "dim", "classes", "data_seed", "order", "limit_samples",
     "model", "hidden", "activation", "dropout", "batchnorm",
     "optimizer", "seed",
 )

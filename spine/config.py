@@ -31,6 +31,7 @@ class Config:
     classes: int = 2
     data_seed: int = 0
     order: str = "random"
+    limit_samples: int = 0
     # model
     model: str = "mlp"
     hidden: tuple[int, ...] = (64, 64)
@@ -49,6 +50,7 @@ class Config:
     batch_size: int = 32
     global_batch_size: int = 0
     eval_batch_size: int = 4096
+    target_loss: float = 1e-3
     seed: int = 0
     # system
     device: str = "auto"
@@ -129,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the data generator, independent of --seed")
     g.add_argument("--order", choices=("random", "sorted"), default=d.order,
                    help="storage order of the training set: sorted groups it by class")
+    g.add_argument("--limit-samples", type=int, default=d.limit_samples,
+                   help="train on only the first N training samples (the single-batch overfit check); 0 = all")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help=f"one of: {', '.join(MODELS)}")
     g.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden widths, comma-separated, e.g. 64,64")
@@ -152,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
                    help="samples per step over all ranks (instead of --batch-size); must divide by the world size")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="samples per validation forward")
+    g.add_argument("--target-loss", type=float, default=d.target_loss,
+                   help="report the first epoch and step at which the epoch's train loss is <= this")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, shuffling and dropout")
     g = p.add_argument_group("system")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
@@ -174,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps,
                    help="also write last.pt every N optimizer steps; 0 = only at epoch ends")
     g.add_argument("--checkpoint-every-epochs", type=int, default=d.checkpoint_every_epochs,
-                   help="write last.pt every N epochs (and always after the final one)")
+                   help="write last.pt every N epochs (and always after the final one); best.pt is the best of these")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="step checkpoints kept on disk (newest first); last.pt and best.pt point into them")
     g.add_argument("--log-every", type=int, default=d.log_every,
@@ -247,6 +253,12 @@ def validate(cfg: Config, world_size: int) -> None:
     need(cfg.run_name == "" or (os.sep not in cfg.run_name and cfg.run_name not in (".", "..")),
          f"--run-name must be a plain name, not a path: {cfg.run_name!r}")
     n_train, _ = split_sizes(cfg.n_samples, cfg.val_fraction)
+    need(cfg.limit_samples >= 0, f"--limit-samples must be >= 0 (0 = all), got {cfg.limit_samples}")
+    need(cfg.target_loss > 0, f"--target-loss must be positive, got {cfg.target_loss}")
+    if cfg.limit_samples:
+        need(cfg.limit_samples <= n_train,
+             f"--limit-samples {cfg.limit_samples} exceeds the {n_train} training samples")
+        n_train = cfg.limit_samples
     need(n_train >= 1, f"--val-fraction {cfg.val_fraction} leaves no training samples out of {cfg.n_samples}")
     shard = math.ceil(n_train / world_size)
     need(cfg.batch_size <= shard,

@@ -1,0 +1,61 @@
+"""Overfit the default dataset with seeds 0-9 and tabulate how long each took.
+
+    python launch/overfit_seeds.py [--out reports/overfit] [--seeds 10] [extra train.py flags...]
+
+Exit code 1 if any seed misses 100% train accuracy or the loss target: "reliably" is a claim we check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spine.experiment import min_median_max, run_in_process  # noqa: E402
+
+
+def seed_table(out: Path, seeds: int, extra: list[str]) -> tuple[str, bool]:
+    rows, ok = [], True
+    for seed in range(seeds):
+        flags = ["--seed", str(seed), "--no-tensorboard", "--print-every", "1000", "--checkpoint-every-epochs", "1000"]
+        r = run_in_process(flags + extra, out, f"seed{seed}")
+        s = r.summary
+        reached = r.returncode == 0 and s["epochs_to_100_train_acc"] and s["epochs_to_target_loss"]
+        ok = ok and bool(reached)
+        rows.append((seed, s["epochs_to_100_train_acc"], s["steps_to_100_train_acc"], s["epochs_to_target_loss"],
+                     s["steps_to_target_loss"], s["final"]["train_loss"], s["final"]["val_acc"], s["wall_seconds"]))
+    lines = ["| seed | epochs to 100% acc | steps to 100% acc | epochs to loss ≤ 1e-3 | steps to loss ≤ 1e-3 "
+             "| final train loss | final val acc | wall s |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append("| " + " | ".join("—" if v is None else (f"{v:.2e}" if isinstance(v, float) and v < 0.01 else
+                                       f"{v:.3g}" if isinstance(v, float) else str(v)) for v in row) + " |")
+    lines.append("")
+    for label, col in (("epochs to 100% acc", 1), ("steps to 100% acc", 2), ("epochs to loss ≤ 1e-3", 3),
+                       ("steps to loss ≤ 1e-3", 4)):
+        values = [row[col] for row in rows if row[col] is not None]
+        if values:
+            lo, med, hi = min_median_max(values)
+            lines.append(f"- {label}: min {lo}, median {med:g}, max {hi}")
+    lines.append(f"\n{sum(1 for row in rows if row[1] and row[3])}/{len(rows)} seeds reached both targets.")
+    return "\n".join(lines), ok
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="reports/overfit")
+    p.add_argument("--seeds", type=int, default=10)
+    args, extra = p.parse_known_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table, ok = seed_table(out / "seed-runs", args.seeds, extra)
+    header = ("Overfit reliability: default `train.py` settings, seeds 0-"
+              f"{args.seeds - 1}. Regenerate with `make overfit-seeds`.\n\n")
+    (out / "seeds.md").write_text(header + table + "\n")
+    print(header + table)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
