@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -38,14 +39,16 @@ from spine.distributed import (
     per_rank_values,
 )
 from spine.errors import TrainingError, UsageError
+from spine.experiment import read_run
 from spine.logger import RunLogger, fmt_seconds, now
 from spine.metrics import EpochMeter
 from spine.optim import build_optimizer, build_scheduler
+from spine.symptoms import detect as detect_symptoms
 
 
 @torch.no_grad()  # no autograd graph: validation must not build one, nor touch .grad
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext,
-             batch_size: int) -> tuple[float, float]:
+             batch_size: int, bug: str = "") -> tuple[float, float]:
     """Exact loss and accuracy of `model` on (x, y), shared out over the ranks.
 
     DistributedSampler pads the index list (repeating its first entries) until
@@ -53,12 +56,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContex
     Padded positions are dropped, sums and counts are reduced over ranks, and
     only then divided: the result equals a single-process evaluation.
     """
-    model.eval()  # dropout off, BatchNorm uses its running statistics
+    if bug != "no-eval-mode":
+        model.eval()  # dropout off, BatchNorm uses (and no longer updates) its running statistics
     sampler = DistributedSampler(range(len(x)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=False)
     shard = torch.tensor(list(sampler), dtype=torch.long, device=x.device)
     # This rank's k-th index sits at position rank + k*world of the padded list; positions >= len(x) are padding.
     position = ctx.rank + ctx.world_size * torch.arange(len(shard), device=x.device)
-    shard = shard[position < len(x)]
+    if bug != "padded-val":
+        shard = shard[position < len(x)]
     totals = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss sum, correct, count
     for start in range(0, len(shard), batch_size):
         idx = shard[start:start + batch_size]
@@ -66,12 +71,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContex
         totals[0] += F.cross_entropy(logits, y[idx], reduction="none").double().sum()
         totals[1] += (logits.argmax(1) == y[idx]).sum()
         totals[2] += len(idx)
-    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    if bug != "rank0-val":  # without the reduction each rank reports its own shard, and rank 0's gets logged
+        all_reduce_sum(totals)
+    loss_sum, correct, count = totals.tolist()
     return loss_sum / count, correct / count
 
 
 def train(cfg: Config, ctx: DistContext) -> dict:
     say = print if ctx.is_main else (lambda *a, **k: None)
+    bug = cfg.mistake  # "" unless `--break NAME` injects one deliberate mistake (see `make break`)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     ckpt_dir = Path(cfg.checkpoints_dir) / cfg.run_name
 
@@ -92,12 +100,16 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     # DDP averages gradients across ranks during backward(); at world 1 there is nothing to average.
     ddp_model = DDP(model) if ctx.world_size > 1 else model
     params = list(model.parameters())
-    optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()  # expects raw logits: it applies log-softmax itself
+    lr = cfg.lr * 1000 if bug == "huge-lr" else cfg.lr
+    optimizer = build_optimizer(cfg.optimizer, params, lr, cfg.momentum, cfg.weight_decay)
+    # Mean, not sum: a summed loss makes the gradient, and so the step, grow with the batch size.
+    loss_fn = nn.CrossEntropyLoss(reduction="sum" if bug == "sum-loss" else "mean")
 
     # Each rank gets a disjoint 1/world of a permutation that depends on seed + epoch.
     sampler = DistributedSampler(range(len(data.train_x)), num_replicas=ctx.world_size, rank=ctx.rank,
-                                 shuffle=True, seed=cfg.seed)
+                                 shuffle=bug != "no-shuffle", seed=cfg.seed)
+    if bug == "no-distributed-sampler":  # one replica's view: every rank walks the whole dataset
+        sampler = DistributedSampler(range(len(data.train_x)), num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
     steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     scheduler = build_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.schedule, cfg.warmup_steps)
 
@@ -191,24 +203,32 @@ def train(cfg: Config, ctx: DistContext) -> dict:
 
     while epoch < cfg.epochs and not diverged:
         # The shuffle is a permutation seeded by seed + epoch: without set_epoch every epoch repeats epoch 0's order.
-        sampler.set_epoch(epoch)
+        if bug != "no-set-epoch":
+            sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), dtype=torch.long, device=ctx.device)
-        model.train()  # dropout on, BatchNorm uses (and updates) batch statistics; evaluate() switched it off
+        if bug != "no-train-mode":
+            model.train()  # dropout on, BatchNorm uses (and updates) batch statistics; evaluate() switched it off
+        trained_in_train_mode = model.training
         t_epoch = now()
         for position in range(step_in_epoch, steps_per_epoch):
             idx = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
             x, y = data.train_x[idx], data.train_y[idx]
-            logits = ddp_model(x)  # forward
-            loss = loss_fn(logits, y)  # mean over this rank's batch; DDP's averaging makes it the global mean
-            loss.backward()  # gradients; under DDP, all-reduced across ranks as they are produced
+            with ddp_model.no_sync() if bug == "no-grad-sync" else nullcontext():  # no_sync: skip the all-reduce
+                logits = ddp_model(x)  # forward
+                if bug == "softmax-logits":
+                    logits = logits.softmax(1)  # the loss applies log-softmax itself: this squashes it twice
+                loss = loss_fn(logits, y)  # mean over this rank's batch; DDP's averaging makes it the global mean
+                loss.backward()  # gradients; under DDP, all-reduced across ranks as they are produced
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             if cfg.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
             optimizer.step()
             # .grad accumulates by default: without this, every step would also re-apply all earlier gradients.
-            optimizer.zero_grad(set_to_none=True)
+            if bug != "no-zero-grad":
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            meter.record(loss, (logits.argmax(1) == y).sum(), grad_norm, len(idx))
+            per_sample = loss / len(idx) if bug == "sum-loss" else loss  # logs stay per-sample either way
+            meter.record(per_sample, (logits.argmax(1) == y).sum(), grad_norm, len(idx))
             global_step += 1
 
             if global_step % cfg.log_every == 0:  # the only host syncs inside an epoch
@@ -233,7 +253,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         if tracker["first_step_loss"] is None:
             tracker["first_step_loss"] = step_losses[0]
         broadcast_buffers(model)
-        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size)
+        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size, bug)
+        validated_in_eval_mode = not model.training
         epoch, step_in_epoch, checked, meter = epoch + 1, 0, 0, EpochMeter()
         if not math.isfinite(val_loss):  # reduced over ranks, so every rank takes this branch together
             diverged = f"non-finite validation loss after epoch {epoch}"
@@ -242,7 +263,9 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
                "grad_norm": sum(step_grad_norms) / len(step_grad_norms),
                "samples_per_sec": len(sampler) * ctx.world_size / epoch_seconds, "epoch_seconds": epoch_seconds,
-               "order_fingerprint": fingerprint(order), "step_losses": step_losses, "step_grad_norms": step_grad_norms}
+               "order_fingerprint": fingerprint(order), "step_losses": step_losses, "step_grad_norms": step_grad_norms,
+               "shard_fingerprints": per_rank_values(int(fingerprint(order)[:13], 16), ctx),
+               "trained_in_train_mode": trained_in_train_mode, "validated_in_eval_mode": validated_in_eval_mode}
         tracker["final"] = {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
         if train_acc == 1.0 and tracker["epochs_to_100_train_acc"] is None:
             tracker["epochs_to_100_train_acc"], tracker["steps_to_100_train_acc"] = epoch, global_step
@@ -271,6 +294,9 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         say(f"stopped: {diverged}; no checkpoint written after the last finite one")
     # Bitwise fingerprints of every rank's weights: DDP keeps replicas identical, so these must all be equal.
     replica_checksums = gather_objects(fingerprint(*params), ctx)
+    # The reference the validation above must match: the correct evaluate() on rank 0's final weights.
+    broadcast_buffers(model)
+    exact_val = evaluate(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size) if epoch else None
     summary = {
         "config": cfg.to_dict(), "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
         "threads_per_rank": ctx.threads,
@@ -288,11 +314,16 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         "wall_seconds": elapsed_before + now() - t_start,
         "train_samples_per_sec": samples_trained / train_seconds if train_seconds else None,
         "diverged": diverged is not None, "divergence": diverged,
+        "break": bug or None,
+        "exact_val": {"val_loss": exact_val[0], "val_acc": exact_val[1]} if exact_val else None,
         "symptoms": [],
         "replica_checksums": replica_checksums,
         "checkpoints": {"last": str(ckpt_dir / "last.pt"), "best": str(ckpt_dir / "best.pt")},
     }
     summary = _finite_or_none(summary)
+    if ctx.is_main:
+        logger.flush()
+        summary["symptoms"] = detect_symptoms(summary, read_run(run_dir)[1])
     logger.hparams(cfg.to_dict(), summary["final"] or {})
     logger.summary(summary)
     logger.close()

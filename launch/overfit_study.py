@@ -122,6 +122,31 @@ def boundary_figure(checkpoint: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def curves_figure(run: RunRecord, path: Path) -> None:
+    """Loss and accuracy of the default run, train against validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = range(1, len(run.metrics) + 1)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(epochs, run.curve("train_loss"), label="train")
+    ax1.plot(epochs, run.curve("val_loss"), label="validation")
+    ax1.axhline(1e-3, color="grey", lw=0.8, ls="--", label="1e-3")
+    ax1.axhline(math.log(2), color="grey", lw=0.8, ls=":", label="ln 2 (chance)")
+    ax1.set(yscale="log", xlabel="epoch", ylabel="loss (log)", title="loss")
+    ax2.plot(epochs, run.curve("train_acc"), label="train")
+    ax2.plot(epochs, run.curve("val_acc"), label="validation")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0.4, 1.02))
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
+    fig.suptitle("Default recipe: moons, 200 samples, MLP 64-64, Adam lr 0.01, batch 32", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.split(" (")[0].lower()).strip("-")
 
@@ -146,8 +171,10 @@ def main() -> int:
             + table(results, args.epochs) + "\n")
     (out / "study.md").write_text(text)
     figures(results, out)
-    default_ckpt = out / "study-runs" / "checkpoints" / "learning-rate-2" / "last.pt"  # lr 0.01 = the default
-    boundary_figure(default_ckpt, out / "boundary.png")
+    label, default_run = results["learning rate (Adam)"][2]
+    assert label == "lr 0.01", "the default recipe is the third learning rate"
+    boundary_figure(out / "study-runs" / "checkpoints" / default_run.name / "last.pt", out / "boundary.png")
+    curves_figure(default_run, out / "curves.png")
     print(text)
     return 0
 

@@ -146,7 +146,7 @@ def set_rng_state(state: dict) -> None:
 MUST_MATCH = (
     "dataset", "n_samples", "val_fraction", "noise", "dim", "classes", "data_seed", "order", "limit_samples",
     "model", "hidden", "activation", "dropout", "batchnorm",
-    "optimizer", "seed",
+    "optimizer", "seed", "mistake",
 )
 
 

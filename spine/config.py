@@ -17,6 +17,23 @@ from models import MODELS
 from spine.errors import UsageError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+
+# Deliberate bugs for `make break` (--break NAME): each one is a single changed line in train.py.
+BREAKS = {
+    "no-train-mode": "model.train() is never called, so training runs in eval mode (dropout off, BatchNorm frozen)",
+    "no-eval-mode": "validation runs in train mode (dropout on, BatchNorm uses and updates batch statistics)",
+    "huge-lr": "the learning rate is 1000x --lr",
+    "no-zero-grad": "optimizer.zero_grad() is never called, so every step re-applies all earlier gradients",
+    "no-shuffle": "the sampler does not shuffle: every epoch walks the storage order",
+    "no-set-epoch": "sampler.set_epoch() is never called: every epoch repeats epoch 0's order",
+    "no-distributed-sampler": "every rank trains on the whole dataset instead of its 1/world shard",
+    "no-grad-sync": "each rank steps on its own gradients (DDP's all-reduce is skipped)",
+    "rank0-val": "validation metrics are rank 0's shard only, not reduced over ranks",
+    "padded-val": "DistributedSampler's padding duplicates are counted in validation",
+    "sum-loss": "the loss is summed over the batch instead of averaged",
+    "softmax-logits": "softmax is applied to the logits before CrossEntropyLoss, which expects raw logits",
+}
+NEEDS_RANKS = ("no-distributed-sampler", "no-grad-sync", "rank0-val", "padded-val")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -52,6 +69,7 @@ class Config:
     eval_batch_size: int = 4096
     target_loss: float = 1e-3
     seed: int = 0
+    mistake: str = ""
     # system
     device: str = "auto"
     threads: int = 0
@@ -159,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-loss", type=float, default=d.target_loss,
                    help="report the first epoch and step at which the epoch's train loss is <= this")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, shuffling and dropout")
+    g.add_argument("--break", dest="mistake", default="", metavar="NAME",
+                   help="inject one deliberate bug (make break): " + ", ".join(BREAKS))
     g = p.add_argument_group("system")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
                    help="auto = cuda when available; the backend follows (nccl on cuda, gloo on cpu)")
@@ -247,6 +267,10 @@ def validate(cfg: Config, world_size: int) -> None:
     need(cfg.keep_checkpoints > 0, f"--keep-checkpoints must be positive, got {cfg.keep_checkpoints}")
     need(cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}")
     need(cfg.print_every > 0, f"--print-every must be positive, got {cfg.print_every}")
+    need(cfg.mistake == "" or cfg.mistake in BREAKS,
+         f"--break: unknown mistake {cfg.mistake!r} (choose from {', '.join(BREAKS)})")
+    need(cfg.mistake not in NEEDS_RANKS or world_size > 1,
+         f"--break {cfg.mistake} needs several ranks: launch with torchrun --nproc_per_node=2")
     need(cfg.optimizer == "sgd" or cfg.momentum == 0, "--momentum applies to --optimizer sgd only")
     need(cfg.model != "linear" or (not cfg.batchnorm and cfg.dropout == 0),
          "--batchnorm and --dropout need a model with hidden layers, not --model linear")

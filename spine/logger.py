@@ -142,6 +142,12 @@ class RunLogger:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, path)
 
+    def flush(self) -> None:
+        if self.enabled:
+            self.metrics_file.flush()
+            if self.writer:
+                self.writer.flush()
+
     def close(self) -> None:
         if not self.enabled:
             return

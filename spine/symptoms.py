@@ -12,7 +12,12 @@ leaves behind), with thresholds stated next to it. The set:
   val-mismatch     the validation metric the run reported differs from an exact single-pass evaluation
   repeated-order   two epochs visited the training data in the same order
   replicas-diverged  ranks ended with different weights (DDP keeps them bitwise equal)
-  slow             loss target not reached, loss still falling at the end of the budget
+  overlapping-shards two ranks visited the same training order in an epoch (each should get a disjoint 1/world)
+  trained-in-eval-mode    the model was not in train mode while it trained (dropout off, BatchNorm frozen)
+  validated-in-train-mode the model was still in train mode while it was validated
+  loss-spike       two consecutive training steps with a loss above 1.5x the initial loss: on those batches
+                   the model did worse than at initialisation (e.g. the first batches of a class it has not
+                   seen for a while). One step alone is not enough: a 2-sample last batch can spike by chance.
 """
 
 from __future__ import annotations
@@ -46,19 +51,27 @@ def detect(summary: dict, metrics: list[dict]) -> list[str]:
         if final["val_loss"] > 2 * final["train_loss"] + 0.1:
             found.append("train-val-gap")
     exact = summary.get("exact_val")
-    if exact and final.get("val_loss") is not None:
+    if exact and _finite(exact.get("val_loss")) and _finite(final.get("val_loss")):
         if abs(exact["val_loss"] - final["val_loss"]) > 1e-6 * max(1.0, abs(exact["val_loss"])) or \
                 exact["val_acc"] != final["val_acc"]:
             found.append("val-mismatch")
     orders = [m.get("order_fingerprint") for m in metrics if m.get("order_fingerprint")]
     if len(orders) != len(set(orders)):
         found.append("repeated-order")
+    if any(len(set(m["shard_fingerprints"])) < len(m["shard_fingerprints"]) for m in metrics
+           if m.get("shard_fingerprints")):
+        found.append("overlapping-shards")
+    if any(m.get("trained_in_train_mode") is False for m in metrics):
+        found.append("trained-in-eval-mode")
+    if any(m.get("validated_in_eval_mode") is False for m in metrics):
+        found.append("validated-in-train-mode")
     checksums = summary.get("replica_checksums") or []
     if len(set(checksums)) > 1:
         found.append("replicas-diverged")
-    if "diverged" not in found and "plateau" not in found and summary.get("epochs_to_target_loss") is None \
-            and len(losses) >= 4 and losses[-1] < losses[len(losses) // 2]:
-        found.append("slow")
+    steps = [v for m in metrics for v in m.get("step_losses", [])]
+    high = [_finite(v) and v > 1.5 * initial for v in steps] if initial else []
+    if "diverged" not in found and any(a and b for a, b in zip(high, high[1:], strict=False)):
+        found.append("loss-spike")
     return found
 
 
@@ -74,7 +87,7 @@ def outcome(summary: dict, metrics: list[dict]) -> str:
     if "plateau" in symptoms:
         acc = (summary.get("final") or {}).get("train_acc")
         return f"underfits (plateau, train acc {acc:.0%})" if acc is not None else "underfits"
-    return "too slow for the budget"
+    return "too slow for the budget"  # still improving when the epochs ran out
 
 
 def _finite(v) -> bool:

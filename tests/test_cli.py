@@ -33,6 +33,8 @@ BAD_INPUTS = [
     (["--run-name", "../escape"], "--run-name"),
     (["--resume", "does/not/exist.pt"], "--resume"),
     (["--no-such-flag"], "unrecognized"),
+    (["--break", "no-loss"], "--break"),
+    (["--break", "no-grad-sync"], "--break no-grad-sync needs several ranks"),  # a no-op at world 1
 ]
 
 
@@ -115,3 +117,13 @@ def test_help_documents_every_flag(capsys):
                  "--batch-size --global-batch-size --seed --device --threads --run-name --runs-dir "
                  "--checkpoints-dir --resume --checkpoint-every-steps --log-every").split():
         assert re.search(rf"{flag}\b", text), flag
+
+
+def test_readme_documents_every_flag():
+    from spine.config import build_parser
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    flags = [s for a in build_parser()._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+    missing = [f for f in flags if f"`{f}" not in readme]
+    assert not missing, f"README does not mention {missing}"

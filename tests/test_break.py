@@ -1,0 +1,49 @@
+"""Part 3 of the assignment as tests: each deliberate bug is caught by the harness, the baseline is clean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, spawn_ranks
+
+
+@pytest.mark.timeout(420)
+def test_every_break_shows_its_expected_symptom_and_the_baselines_none(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "break_all.py"), "--out", str(tmp_path),
+                           "--no-tensorboard"], capture_output=True, text=True, timeout=400)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 15
+    for name, r in results.items():
+        seen = set(r["summary"]["symptoms"])
+        assert set(r["expected"]) <= seen, (name, seen)
+        if name.startswith("baseline"):
+            assert seen == set(), (name, seen)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert results["huge-lr"]["returncode"] == 3  # diverged: recorded, and the target still succeeds
+    assert (tmp_path / "no-shuffle.png").stat().st_size > 10_000
+    assert "| no-grad-sync |" in (tmp_path / "break.md").read_text()
+
+
+def _diverge(rank: int, world: int, tmp: str) -> int:
+    from train import main
+
+    return main(["--optimizer", "sgd", "--lr", "30", "--epochs", "20", "--no-tensorboard", "--log-every", "3",
+                 "--runs-dir", f"{tmp}/runs", "--checkpoints-dir", f"{tmp}/ck", "--run-name", "nan"])
+
+
+@pytest.mark.timeout(120)
+def test_divergence_stops_every_rank_at_the_same_step_and_saves_nothing_non_finite(tmp_path, capfd):
+    assert spawn_ranks(_diverge, 2, str(tmp_path)) == [3, 3]
+    out = capfd.readouterr().out
+    assert "stopped: non-finite" in out and "on rank" in out and "at step" in out
+    summary = json.loads((tmp_path / "runs" / "nan" / "summary.json").read_text())
+    assert summary["diverged"] and "diverged" in summary["symptoms"]
+    for path in Path(tmp_path / "ck" / "nan").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values()), path
