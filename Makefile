@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-seeds overfit-study break test lint tensorboard
+.PHONY: help overfit overfit-seeds overfit-study overfitting break test lint tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ overfit-seeds: $(STAMP) ## seeds 0-9 with the default recipe: epochs/steps to 10
 
 overfit-study: $(STAMP) ## one-at-a-time study of lr, width, depth, batch, optimizer, data (table + PNGs)
 	$(PY) launch/overfit_study.py --out reports/overfit
+
+overfitting: $(STAMP) ## a real overfitting run: val loss turns up; best.pt vs last.pt on fresh data (reports/overfitting)
+	$(PY) launch/overfitting.py --out reports/overfitting
 
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
 	$(PY) launch/break_all.py --out reports/break

@@ -292,6 +292,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
 
     if diverged:
         say(f"stopped: {diverged}; no checkpoint written after the last finite one")
+        if len(meter):  # keep the steps that led up to it: the evidence of how the run blew up
+            step_losses, step_grad_norms = meter.series(0)
+            logger.partial_epoch({"epoch": epoch + 1, "step": global_step, "partial": True, "train_loss": None,
+                                  "step_losses": step_losses, "step_grad_norms": step_grad_norms})
     # Bitwise fingerprints of every rank's weights: DDP keeps replicas identical, so these must all be equal.
     replica_checksums = gather_objects(fingerprint(*params), ctx)
     # The reference the validation above must match: the correct evaluate() on rank 0's final weights.

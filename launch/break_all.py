@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spine.experiment import RunRecord, read_run, run_in_process  # noqa: E402
+from spine.experiment import RunRecord, run_in_process  # noqa: E402
 
 # Dropout makes train/eval mode matter; SGD makes the loss scale and the lr visible (Adam normalises both
 # away); 405 samples give 81 validation samples, an odd count, so DistributedSampler must pad at world 2;
@@ -66,8 +66,7 @@ def run_one(name: str, world: int, flags: list[str], out: Path, tensorboard: boo
             "--runs-dir", str(out / "runs"), "--checkpoints-dir", str(out / "checkpoints"),
             "--run-name", slug(name), "--overwrite"]
     proc = subprocess.run(full, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    summary, metrics = read_run(out / "runs" / slug(name))
-    return RunRecord(slug(name), args, proc.returncode, summary, metrics, proc.stdout + proc.stderr)
+    return RunRecord.from_dir(slug(name), args, proc.returncode, out / "runs" / slug(name), proc.stdout + proc.stderr)
 
 
 def row(name: str, r: RunRecord, expected: set[str]) -> str:
@@ -112,7 +111,7 @@ def main() -> int:
     runs: dict[str, RunRecord] = {}
     for name in names:
         world, flags, _ = BREAKS[name]
-        runs[name] = run_one(name, world, flags, out / "runs", not args.no_tensorboard)
+        runs[name] = run_one(name, world, flags, out / "break-runs", not args.no_tensorboard)
         print(f"{name:28s} exit {runs[name].returncode}  symptoms: {runs[name].summary.get('symptoms')}", flush=True)
     lines = ["| run | final train loss | train acc | final val loss | val acc | epochs to 100% train acc "
              "| diverged | symptoms seen | expected symptoms seen |", "|---|---:|---:|---:|---:|---:|---|---|---|"]

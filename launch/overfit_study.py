@@ -148,7 +148,10 @@ def curves_figure(run: RunRecord, path: Path) -> None:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.split(" (")[0].lower()).strip("-")
+    slug = "".join(c if c.isalnum() else "-" for c in text.lower())
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug.strip("-")
 
 
 def _num(v) -> str:

@@ -120,6 +120,12 @@ class RunLogger:
             self.writer.add_scalar("perf/rss_mb", record["rss_mb"], step)
             self.writer.add_scalar("train/epoch", record["epoch"], step)
 
+    def partial_epoch(self, record: dict) -> None:
+        """The steps of an epoch that did not finish (a diverged run): to metrics.jsonl only."""
+        if self.enabled:
+            self.metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
+            self.metrics_file.flush()
+
     def hparams(self, config: dict, final: dict) -> None:
         if not self.writer:
             return

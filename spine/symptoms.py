@@ -30,6 +30,8 @@ ACTIVE_LOSS = 0.05  # below this a run is in the memorisation tail, where relati
 
 def detect(summary: dict, metrics: list[dict]) -> list[str]:
     found = []
+    steps_all = [v for m in metrics for v in m.get("step_losses", [])]  # a diverged run's last, partial row too
+    metrics = [m for m in metrics if not m.get("partial")]
     losses = [m["train_loss"] for m in metrics]
     initial = summary.get("initial_loss")
     if summary.get("diverged") or any(not _finite(v) for v in losses):
@@ -68,8 +70,7 @@ def detect(summary: dict, metrics: list[dict]) -> list[str]:
     checksums = summary.get("replica_checksums") or []
     if len(set(checksums)) > 1:
         found.append("replicas-diverged")
-    steps = [v for m in metrics for v in m.get("step_losses", [])]
-    high = [_finite(v) and v > 1.5 * initial for v in steps] if initial else []
+    high = [_finite(v) and v > 1.5 * initial for v in steps_all] if initial else []
     if "diverged" not in found and any(a and b for a, b in zip(high, high[1:], strict=False)):
         found.append("loss-spike")
     return found

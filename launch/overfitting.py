@@ -1,0 +1,111 @@
+"""A real overfitting experiment: training accuracy keeps rising while validation loss turns upward.
+
+    python launch/overfitting.py [--out reports/overfitting]
+
+Few samples (100: 80 train, 20 validation) of heavily overlapping moons (noise 0.35, so some points sit
+inside the other class's region), a large MLP (256-256) and a long budget (300 epochs). best.pt is chosen
+by validation loss; since choosing on validation biases the validation number, both best.pt and last.pt
+are then scored on a fresh test set of 5,000 points drawn from the same distribution with another data seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from data import build_dataset  # noqa: E402
+from models import build_model  # noqa: E402
+from spine.config import Config  # noqa: E402
+from spine.experiment import run_in_process  # noqa: E402
+
+ARGS = ["--dataset", "moons", "--n-samples", "100", "--noise", "0.35", "--hidden", "256,256",
+        "--optimizer", "adam", "--lr", "0.01", "--batch-size", "16", "--epochs", "300", "--seed", "0",
+        "--print-every", "100000", "--keep-checkpoints", "2"]
+TEST_SEED, TEST_SIZE = 12345, 5000
+
+
+def score(checkpoint: Path) -> tuple[float, float, int]:
+    """(test loss, test accuracy, epoch) of a checkpoint on fresh samples of the same distribution."""
+    state = torch.load(checkpoint, weights_only=True)
+    cfg = Config.from_dict(state["config"])
+    test = build_dataset(cfg.dataset, TEST_SIZE, 0.5, cfg.noise, cfg.dim, cfg.classes, TEST_SEED)
+    x, y = torch.cat([test.train_x, test.val_x]), torch.cat([test.train_y, test.val_y])
+    model = build_model(cfg.model, test.in_dim, test.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
+                        cfg.batchnorm)
+    model.load_state_dict(state["model"])
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, y).item()
+    return loss, (logits.argmax(1) == y).float().mean().item(), state["progress"]["epoch"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="reports/overfitting")
+    p.add_argument("--epochs", type=int, default=300)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    flags = [a if a != "300" else str(args.epochs) for a in ARGS]
+    run = run_in_process(flags + ["--no-tensorboard"], out / "overfitting-runs", "overfitting")
+    assert run.returncode == 0, run.output
+    val = run.curve("val_loss")
+    best_epoch = min(range(len(val)), key=val.__getitem__) + 1
+    ckpt = out / "overfitting-runs" / "checkpoints" / "overfitting"
+    best, last = score(ckpt / "best.pt"), score(ckpt / "last.pt")
+    m = run.metrics
+    lines = [
+        f"Overfitting: {' '.join(flags)}. Regenerate with `make overfitting`.",
+        "",
+        "| | epoch | train loss | train acc | val loss | val acc | test loss (5,000 fresh) | test acc |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, (t_loss, t_acc, epoch) in (("best.pt (lowest val loss)", best), ("last.pt (end of training)", last)):
+        e = m[epoch - 1]
+        lines.append(f"| {label} | {epoch} | {e['train_loss']:.3g} | {e['train_acc']:.1%} | {e['val_loss']:.3g} "
+                     f"| {e['val_acc']:.1%} | {t_loss:.3g} | {t_acc:.1%} |")
+    lines += ["", f"Validation loss bottoms out at epoch {best_epoch} ({val[best_epoch - 1]:.3g}) and ends at "
+              f"{val[-1]:.3g} ({val[-1] / val[best_epoch - 1]:.1f}x); train loss goes from "
+              f"{m[best_epoch - 1]['train_loss']:.3g} to {m[-1]['train_loss']:.3g} over the same epochs."]
+    text = "\n".join(lines) + "\n"
+    (out / "overfitting.md").write_text(text)
+    figure(run, best_epoch, out / "overfitting.png")
+    print(text)
+    return 0
+
+
+def figure(run, best_epoch: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = range(1, len(run.metrics) + 1)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(epochs, run.curve("train_loss"), label="train")
+    ax1.plot(epochs, run.curve("val_loss"), label="validation")
+    ax1.axvline(best_epoch, color="grey", ls="--", lw=0.8, label=f"lowest val loss (epoch {best_epoch})")
+    ax1.set(yscale="log", xlabel="epoch", ylabel="loss (log)", title="loss")
+    ax2.plot(epochs, run.curve("train_acc"), label="train")
+    ax2.plot(epochs, run.curve("val_acc"), label="validation")
+    ax2.axvline(best_epoch, color="grey", ls="--", lw=0.8)
+    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
+    fig.suptitle("Overfitting: 80 noisy training points, MLP 256-256", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    assert math.isfinite(run.curve("val_loss")[-1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
