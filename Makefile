@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-seeds overfit-study overfitting break test lint tensorboard
+.PHONY: help overfit overfit-seeds overfit-study overfitting break report test lint tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -33,7 +33,11 @@ overfitting: $(STAMP) ## a real overfitting run: val loss turns up; best.pt vs l
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
 	$(PY) launch/break_all.py --out reports/break
 
+report: $(STAMP) ## rerun what the write-ups cite but is missing (FORCE=1: all of it), refill their tables
+	$(PY) launch/report.py $(if $(FORCE),--force)
+
 test: $(STAMP) ## the test suite (CPU, gloo, real processes)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 lint: $(STAMP) ## ruff

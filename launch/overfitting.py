@@ -56,7 +56,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     flags = [a if a != "300" else str(args.epochs) for a in ARGS]
     run = run_in_process(flags + ["--no-tensorboard"], out / "overfitting-runs", "overfitting")
-    assert run.returncode == 0, run.output
+    if run.returncode != 0:
+        print(run.output, file=sys.stderr)
+        print(f"overfitting: the run failed with exit code {run.returncode}", file=sys.stderr)
+        return 1
     val = run.curve("val_loss")
     best_epoch = min(range(len(val)), key=val.__getitem__) + 1
     ckpt = out / "overfitting-runs" / "checkpoints" / "overfitting"
@@ -72,9 +75,18 @@ def main() -> int:
         e = m[epoch - 1]
         lines.append(f"| {label} | {epoch} | {e['train_loss']:.3g} | {e['train_acc']:.1%} | {e['val_loss']:.3g} "
                      f"| {e['val_acc']:.1%} | {t_loss:.3g} | {t_acc:.1%} |")
-    lines += ["", f"Validation loss bottoms out at epoch {best_epoch} ({val[best_epoch - 1]:.3g}) and ends at "
-              f"{val[-1]:.3g} ({val[-1] / val[best_epoch - 1]:.1f}x); train loss goes from "
-              f"{m[best_epoch - 1]['train_loss']:.3g} to {m[-1]['train_loss']:.3g} over the same epochs."]
+    low = m[best_epoch - 1]
+    doubled = next(e for e in range(best_epoch, len(val) + 1) if val[e - 1] >= 2 * low["val_loss"]) \
+        if max(val) >= 2 * low["val_loss"] else None
+    memorised = next((e["epoch"] for e in m if e["train_acc"] == 1.0), None)
+    lines += ["", f"Validation loss bottoms out at epoch {best_epoch}, step {low['step']} ({low['val_loss']:.3g}), "
+              f"and ends at {val[-1]:.3g} ({val[-1] / low['val_loss']:.1f}x); "
+              f"it has doubled by epoch {doubled or 'never'}. "
+              f"Train accuracy keeps rising: {low['train_acc']:.1%} at the minimum, first 100% at epoch "
+              f"{memorised or 'never'}; "
+              f"train loss goes from {low['train_loss']:.3g} to {m[-1]['train_loss']:.3g}. "
+              f"Early stopping on best.pt: test loss {best[0]:.3g} instead of {last[0]:.3g}, "
+              f"test accuracy {best[1]:.1%} instead of {last[1]:.1%}."]
     text = "\n".join(lines) + "\n"
     (out / "overfitting.md").write_text(text)
     figure(run, best_epoch, out / "overfitting.png")

@@ -1,0 +1,123 @@
+"""Regenerate what experiments.md and postmortem.md cite, then fill their generated blocks.
+
+    python launch/report.py            # run only the producers whose outputs are missing
+    python launch/report.py --force    # run every producer again
+    python launch/report.py --only break overfitting
+
+A document cites a file in two ways: a generated block (`<!-- generated: reports/x.md -->`) and an image or link
+into reports/ (`![..](reports/x.png)`). Each cited file belongs to exactly one producer below (the script a make
+target runs); a producer runs when one of its cited files is missing. A cited file no producer owns is an error,
+so a document cannot cite something that nothing regenerates. Finally launch/render_docs.py copies each block's
+source between its markers, leaving the prose around it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "launch"))
+
+from render_docs import render  # noqa: E402
+
+DOCUMENTS = ("experiments.md", "postmortem.md")
+CITATION = re.compile(r"<!-- generated: (reports/[^ ]+) -->|\]\((reports/[^)#\s]+)\)")
+
+
+@dataclass(frozen=True)
+class Producer:
+    name: str
+    script: str  # under launch/, run with --out <root>/<out>
+    out: str
+    owns: tuple[str, ...]  # path prefixes, relative to the root
+    extra: tuple[str, ...] = field(default=())
+
+    def command(self, root: Path) -> list[str]:
+        return [sys.executable, str(REPO / "launch" / self.script), "--out", str(root / self.out), *self.extra]
+
+
+PRODUCERS = (
+    Producer("overfit-seeds", "overfit_seeds.py", "reports/overfit", ("reports/overfit/seeds.md",)),
+    Producer("overfit-study", "overfit_study.py", "reports/overfit",
+             ("reports/overfit/study", "reports/overfit/boundary.png", "reports/overfit/curves.png")),
+    Producer("break", "break_all.py", "reports/break", ("reports/break/",)),
+    Producer("overfitting", "overfitting.py", "reports/overfitting", ("reports/overfitting/",)),
+)
+
+
+def cited_files(text: str) -> list[str]:
+    return sorted({m[1] or m[2] for m in CITATION.finditer(text)})
+
+
+def owner(path: str, producers: tuple[Producer, ...]) -> Producer:
+    owners = [p for p in producers if any(path.startswith(prefix) for prefix in p.owns)]
+    if len(owners) != 1:
+        raise LookupError(f"{path} is cited but {'no producer' if not owners else 'several producers'} own it")
+    return owners[0]
+
+
+def plan(root: Path, documents: tuple[str, ...], producers: tuple[Producer, ...], force: bool,
+         only: list[str] | None) -> list[Producer]:
+    """The producers to run, in the order given: those owning a missing cited file (all cited ones with force)."""
+    chosen: set[str] = set()
+    for doc in documents:
+        path = root / doc
+        if not path.exists():
+            continue
+        for cited in cited_files(path.read_text()):
+            producer = owner(cited, producers)
+            if force or not (root / cited).exists():
+                chosen.add(producer.name)
+    if only is not None:
+        unknown = set(only) - {p.name for p in producers}
+        if unknown:
+            raise LookupError(f"unknown producer(s) {sorted(unknown)}; known: {[p.name for p in producers]}")
+        chosen = set(only)
+    return [p for p in producers if p.name in chosen]
+
+
+def regenerate(root: Path = REPO, documents: tuple[str, ...] = DOCUMENTS, producers: tuple[Producer, ...] = PRODUCERS,
+               force: bool = False, only: list[str] | None = None) -> list[str]:
+    """Run what is needed, fill the blocks; returns the names of the producers that ran."""
+    todo = plan(root, documents, producers, force, only)
+    for producer in todo:
+        print(f"report: running {producer.name}: {' '.join(producer.command(root)[1:])}", flush=True)
+        start = time.perf_counter()
+        result = subprocess.run(producer.command(root), cwd=REPO)
+        if result.returncode != 0:
+            raise RuntimeError(f"{producer.name} failed with exit code {result.returncode}")
+        print(f"report: {producer.name} took {time.perf_counter() - start:.0f} s", flush=True)
+    for doc in documents:
+        path = root / doc
+        if not path.exists():
+            continue
+        text = path.read_text()
+        missing = [c for c in cited_files(text) if not (root / c).exists()]
+        if missing:
+            raise FileNotFoundError(f"{doc} cites {missing}, which its producer did not write")
+        path.write_text(render(text, root))
+        print(f"report: rendered {doc}")
+    return [p.name for p in todo]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--force", action="store_true", help="run every producer, not just those with missing outputs")
+    p.add_argument("--only", nargs="+", metavar="PRODUCER", help=f"run just these: {[x.name for x in PRODUCERS]}")
+    args = p.parse_args()
+    try:
+        regenerate(force=args.force, only=args.only)
+    except (LookupError, RuntimeError, FileNotFoundError) as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

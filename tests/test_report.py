@@ -1,0 +1,53 @@
+"""make report's machinery on one small, fast producer: what runs, what gets filled, what is refused."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from report import Producer, plan, regenerate  # noqa: E402
+
+QUICK_OVERFITTING = Producer("overfitting", "overfitting.py", "reports/overfitting", ("reports/overfitting/",),
+                             ("--epochs", "12"))
+DOC = """# Doc
+Prose the report must not touch.
+<!-- generated: reports/overfitting/overfitting.md -->
+stale table
+<!-- end generated -->
+![curves](reports/overfitting/overfitting.png)
+Closing prose.
+"""
+
+
+@pytest.mark.timeout(180)
+def test_missing_outputs_are_regenerated_blocks_filled_and_a_second_pass_is_a_no_op(tmp_path):
+    (tmp_path / "experiments.md").write_text(DOC)
+    ran = regenerate(tmp_path, ("experiments.md",), (QUICK_OVERFITTING,))
+    assert ran == ["overfitting"]
+    text = (tmp_path / "experiments.md").read_text()
+    assert "stale table" not in text
+    assert "| best.pt (lowest val loss) |" in text and "--epochs 12" in text
+    assert text.startswith("# Doc\nProse the report must not touch.\n") and text.endswith("Closing prose.\n")
+    assert (tmp_path / "reports/overfitting/overfitting.png").stat().st_size > 0
+
+    assert regenerate(tmp_path, ("experiments.md",), (QUICK_OVERFITTING,)) == []
+    assert (tmp_path / "experiments.md").read_text() == text
+
+    (tmp_path / "reports/overfitting/overfitting.png").unlink()  # a missing figure alone brings its producer back
+    assert plan(tmp_path, ("experiments.md",), (QUICK_OVERFITTING,), force=False, only=None) == [QUICK_OVERFITTING]
+
+
+def test_a_cited_file_that_nothing_produces_is_refused(tmp_path):
+    (tmp_path / "experiments.md").write_text("![x](reports/nobody/owns.png)\n")
+    with pytest.raises(LookupError, match="reports/nobody/owns.png"):
+        regenerate(tmp_path, ("experiments.md",), (QUICK_OVERFITTING,))
+
+
+def test_every_file_the_real_documents_cite_has_exactly_one_producer():
+    from report import DOCUMENTS, PRODUCERS, REPO, cited_files, owner
+
+    cited = [c for doc in DOCUMENTS for c in cited_files((REPO / doc).read_text())]
+    assert len(cited) > 10
+    for path in cited:
+        owner(path, PRODUCERS)
