@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-seeds overfit-study overfitting break test lint tensorboard
+.PHONY: help overfit overfit-seeds overfit-study overfitting break scale test lint tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -32,6 +32,10 @@ overfitting: $(STAMP) ## a real overfitting run: val loss turns up; best.pt vs l
 
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
 	$(PY) launch/break_all.py --out reports/break
+
+SCALE ?= default
+scale: $(STAMP) ## data size, batch (lr fixed/scaled), world size, accumulation x 3 seeds: CSV, table, PNGs (reports/scale); SCALE=large
+	$(PY) launch/scale.py --out reports/scale --size $(SCALE)
 
 test: $(STAMP) ## the test suite (CPU, gloo, real processes)
 	$(PY) -m pytest -q

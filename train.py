@@ -342,7 +342,11 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     if ctx.is_main:
         logger.flush()
         summary["symptoms"] = detect_symptoms(summary, read_run(run_dir)[1])
-    logger.hparams(cfg.to_dict(), summary["final"] or {})
+    # The HParams dashboard: configuration (plus the world size) against outcomes, diverged runs included.
+    outcomes = dict(summary["final"] or dict.fromkeys(("train_loss", "train_acc", "val_loss", "val_acc")),
+                    diverged=float(summary["diverged"]), epochs_to_target_loss=summary["epochs_to_target_loss"],
+                    train_samples_per_sec=summary["train_samples_per_sec"])
+    logger.hparams(dict(cfg.to_dict(), world_size=ctx.world_size), outcomes)
     logger.summary(summary)
     logger.close()
     if summary["final"]:
