@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import TORCHRUN, TRAIN, free_port, run_train, spawn_ranks
+from tests.helpers import ROOT, TORCHRUN, free_port, run_train, spawn_ranks
 
 # 190 samples -> 152 training samples: at a step batch of 32 the fifth step is short (24 samples), so the
 # micro-batch weighting is tested on an uneven split too (8+8+8 at world 1, 8+4 per rank at world 2).
@@ -110,10 +112,12 @@ def test_grad_sync_is_a_no_op_without_ddp():
     torch.testing.assert_close(model.weight.grad, torch.ones(2, 2) * 2)
 
 
-def _torchrun_node(tmp: Path, port: int, node_rank: int, args: list[str]) -> subprocess.Popen:
-    cmd = [TORCHRUN, "--nnodes=2", "--nproc_per_node=1", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", "--max-restarts=0", TRAIN, *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _node(tmp: Path, port: int, node_rank: int, args: list[str]) -> subprocess.Popen:
+    """One "machine": launch/multinode.sh with one process, rendezvous on 127.0.0.1."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NPROC_PER_NODE="1", RDZV_ID="two-nodes",
+               PYTHON_BIN_DIR=str(Path(TORCHRUN).parent))
+    env.pop("WORLD_SIZE", None)
+    cmd = ["bash", str(ROOT / "launch" / "multinode.sh"), "2", str(node_rank), f"127.0.0.1:{port}", *args]
     return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -125,7 +129,7 @@ def test_two_torchrun_nodes_equal_one_node_with_two_processes(tmp_path):
     one_node = run_train(tmp_path, args, world=2, name="one-node")
     assert one_node.returncode == 0, one_node.stderr
     port = free_port()
-    nodes = [_torchrun_node(tmp_path, port, rank, args + outputs + ["two-nodes"]) for rank in (0, 1)]
+    nodes = [_node(tmp_path, port, rank, args + outputs + ["two-nodes"]) for rank in (0, 1)]
     try:
         logs = [node.communicate(timeout=120)[0] for node in nodes]
     finally:
@@ -137,3 +141,65 @@ def test_two_torchrun_nodes_equal_one_node_with_two_processes(tmp_path):
     two_nodes = torch.load(tmp_path / "ck" / "two-nodes" / "last.pt", weights_only=True)["model"]
     assert_close_weights(two_nodes, one_node.weights())
     assert summary["replica_checksums"] == one_node.summary["replica_checksums"]
+
+
+def _hparams_records(run_dir: Path) -> tuple[dict, list[str]]:
+    """(hparams of the run's session, metric tags its experiment declares), read from the event file."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata
+
+    session, metric_tags = {}, []
+    for path in run_dir.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                content = value.metadata.plugin_data.content
+                if value.tag == metadata.SESSION_START_INFO_TAG:
+                    info = metadata.parse_session_start_info_plugin_data(content)
+                    session = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in
+                               info.hparams.items()}
+                elif value.tag == metadata.EXPERIMENT_TAG:
+                    metric_tags = [m.name.tag for m in metadata.parse_experiment_plugin_data(content).metric_infos]
+    return session, metric_tags
+
+
+def test_a_diverged_run_declares_the_same_hparams_metrics(tmp_path):
+    from spine.logger import RunLogger
+
+    outcomes = {"train_loss": None, "val_loss": None, "diverged": 1.0}
+    logger = RunLogger(tmp_path, enabled=True, tensorboard=True, purge_step=None, keep_epochs=0)
+    logger.hparams({"lr": 0.1, "world_size": 2}, outcomes)
+    logger.close()
+    session, tags = _hparams_records(tmp_path)
+    assert session == {"lr": 0.1, "world_size": 2.0}
+    assert sorted(tags) == ["hparam/diverged", "hparam/train_loss", "hparam/val_loss"]
+
+
+@pytest.mark.timeout(300)
+def test_the_sweep_runs_measures_and_reports_on_a_tiny_config(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "scale.py"), "--size", "tiny", "--out",
+                           str(tmp_path), "--worlds", "1,2"], capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "runs.csv").open()))
+    assert {r["group"] for r in rows} == {"data", "batch", "world", "accum"}
+    assert all(r["returncode"] == "0" and r["samples_per_sec"] for r in rows)
+    assert {r["world"] for r in rows if r["group"] == "world"} == {"1", "2"}
+    assert len({r["n_samples"] for r in rows if r["group"] == "data"}) == 3
+    # Accumulation reaches the same global batch as the real one: same seed, same losses (float tolerance).
+    for acc in (r for r in rows if r["group"] == "accum"):
+        real = next(r for r in rows if r["group"] == "world" and r["world"] == "1" and r["threads"] == "1"
+                    and r["seed"] == acc["seed"] and r["global_batch"] == acc["global_batch"])
+        assert int(acc["grad_accum_steps"]) > 1
+        assert float(acc["final_train_loss"]) == pytest.approx(float(real["final_train_loss"]), rel=1e-5)
+    probes = json.loads((tmp_path / "probe.json").read_text())
+    assert {p["world"] for p in probes} == {1, 2}
+    assert all(p["compute_ms"] > 0 and p["synced_ms"] > 0 for p in probes)
+    summary = (tmp_path / "summary.md").read_text()
+    for heading in ("### Dataset size", "### Batch size", "### World size and accumulation", "R² = "):
+        assert heading in summary
+    for png in ("epoch_time_vs_dataset_size", "throughput_vs_batch", "throughput_vs_world_size",
+                "steps_to_target_vs_batch", "seed_spread_vs_batch"):
+        assert (tmp_path / f"{png}.png").stat().st_size > 10_000, png
+    # Every run is in TensorBoard's HParams dashboard with its configuration and outcomes.
+    session, tags = _hparams_records(tmp_path / "scale-runs" / "runs" / rows[-1]["name"])
+    assert session["world_size"] == float(rows[-1]["world"]) and session["grad_accum_steps"] > 1
+    assert {"hparam/train_loss", "hparam/val_loss", "hparam/diverged", "hparam/train_samples_per_sec"} <= set(tags)
