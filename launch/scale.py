@@ -335,11 +335,11 @@ def figures(rows: list[dict], probes: list[dict], out: Path, command: str) -> No
 
     # Throughput vs global batch.
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    curves = [("world 1 × 1 thread", dict(group="batch"), "o-")]
+    curves = [("1 rank × 1 thread (batch sweep)", dict(group="batch"), "o-")]
     for w, t in sorted({(r["world"], r["threads"]) for r in select(rows, group="world")}):
-        curves.append((f"world {w} × {t} thread(s)", dict(group="world", world=w, threads=t), "s--"))
+        curves.append((f"{w} rank(s) × {t} thread(s) (world sweep)", dict(group="world", world=w, threads=t), "s--"))
     for w in sorted({r["world"] for r in select(rows, group="accum")}):
-        curves.append((f"world {w}, accumulated", dict(group="accum", world=w), "x:"))
+        curves.append((f"{w} rank(s), accumulated micro-batches", dict(group="accum", world=w), "x:"))
     for label, match, style in curves:
         g = select(rows, **match)
         bs = sorted({r["global_batch"] for r in g})
@@ -374,7 +374,8 @@ def figures(rows: list[dict], probes: list[dict], out: Path, command: str) -> No
         axes[0].set(yscale="log", ylabel="samples / s")
         axes[0].legend(fontsize=8)
         axes[1].axhline(1, color="k", lw=0.8)
-        axes[1].set(ylabel="speedup vs 1 rank × 1 thread (label: speedup, efficiency)")
+        axes[1].set(ylabel="speedup vs 1 rank × 1 thread")
+        axes[1].set_title("labels: speedup, efficiency = speedup / cores", fontsize=8)
         if probes:
             ax = axes[2]
             entries = sorted(probes, key=lambda r: (r["global_batch"], r["world"]))
@@ -441,6 +442,33 @@ def figures(rows: list[dict], probes: list[dict], out: Path, command: str) -> No
 # --------------------------------------------------------------------------------------------------- main
 
 
+def replot(out: Path, preset: Preset, command: str) -> int:
+    """Tables and figures again from the saved measurements (the first line of summary.md is kept)."""
+    try:
+        raw = list(csv.DictReader((out / "runs.csv").open()))
+        probes = json.loads((out / "probe.json").read_text())
+        header = (out / "summary.md").read_text().splitlines()[0]
+    except (OSError, ValueError) as e:
+        print(f"scale.py: error: --replot needs runs.csv, probe.json and summary.md in {out}: {e}", file=sys.stderr)
+        return 2
+    rows = [{k: _typed(k, v) for k, v in r.items()} for r in raw]
+    (out / "summary.md").write_text(summary_tables(rows, probes, preset, header))
+    figures(rows, probes, out, command)
+    return 0
+
+
+def _typed(key: str, text: str):
+    if key in ("group", "name", "lr_mode"):
+        return text
+    if key == "diverged":
+        return text == "True"
+    if text == "":
+        return None
+    number = float(text)
+    return int(number) if key not in ("lr",) and not key.startswith(("final", "samples", "epoch_s", "wall")) \
+        else number
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="reports/scale")
@@ -449,6 +477,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                    help="cpu: gloo; cuda: nccl, one GPU per rank")
     p.add_argument("--no-tensorboard", action="store_true", help="skip event files (faster; no HParams dashboard)")
+    p.add_argument("--replot", action="store_true",
+                   help="no runs: rebuild summary.md and the figures from --out's runs.csv and probe.json")
     args = p.parse_args()
     try:
         worlds = sorted({int(w) for w in args.worlds.split(",")})
@@ -463,6 +493,8 @@ def main() -> int:
     runs_dir = out / "scale-runs"
     out.mkdir(parents=True, exist_ok=True)
     command = "make scale" + ("" if args.size == "default" else f" SCALE={args.size}")
+    if args.replot:
+        return replot(out, preset, command)
     load_before, started = os.getloadavg(), time.perf_counter()
 
     specs = plan(preset, worlds, cpu=args.device == "cpu")
