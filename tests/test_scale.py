@@ -67,6 +67,19 @@ def test_two_ranks_accumulating_equal_one_batch_of_32(tmp_path, one_big_batch):
                                **TIGHT)
 
 
+@pytest.mark.timeout(120)
+def test_a_resume_may_change_how_the_global_batch_is_reached_but_not_its_size(tmp_path, one_big_batch):
+    epoch_2 = one_big_batch.ckpt_dir / "step-00000010.pt"
+    same = run_train(tmp_path, COMMON + ["--batch-size", "8", "--grad-accum-steps", "4", "--resume", str(epoch_2)],
+                     name="resumed-accumulating")
+    assert same.returncode == 0, same.stderr
+    assert_close_weights(same.weights(), one_big_batch.weights())
+    smaller = run_train(tmp_path, COMMON + ["--batch-size", "8", "--grad-accum-steps", "2", "--resume", str(epoch_2)],
+                        name="resumed-smaller")
+    assert smaller.returncode == 2
+    assert "global batch of 32, this run 16" in smaller.stderr
+
+
 def _accumulate_on_ranks(rank: int, world: int, k: int, b: int) -> list[bool]:
     """Accumulate k micro-batches the way train.py does; after each backward, does .grad match the reference?"""
     import torch.nn.functional as F
