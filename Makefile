@@ -6,12 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-seeds overfit-study overfitting break report test lint tensorboard
+.PHONY: help overfit overfit-seeds overfit-study overfitting break scale report test lint tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt
+# The stamp's name carries requirements.txt's checksum, so editing it reinstalls; a checkout that only
+# touches its mtime does not.
+$(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -32,6 +34,10 @@ overfitting: $(STAMP) ## a real overfitting run: val loss turns up; best.pt vs l
 
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
 	$(PY) launch/break_all.py --out reports/break
+
+SCALE ?= default
+scale: $(STAMP) ## data size, batch (lr fixed/scaled), world size, accumulation x 3 seeds: CSV, table, PNGs (reports/scale); SCALE=large
+	$(PY) launch/scale.py --out reports/scale --size $(SCALE)
 
 report: $(STAMP) ## rerun what the write-ups cite but is missing (FORCE=1: all of it), refill their tables
 	$(PY) launch/report.py $(if $(FORCE),--force)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from spine.distributed import (
     broadcast_buffers,
     distributed_session,
     gather_objects,
+    grad_sync,
     launch_env,
     per_rank_values,
 )
@@ -110,7 +110,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                                  shuffle=bug != "no-shuffle", seed=cfg.seed)
     if bug == "no-distributed-sampler":  # one replica's view: every rank walks the whole dataset
         sampler = DistributedSampler(range(len(data.train_x)), num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
-    steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
+    # One optimizer step takes --grad-accum-steps micro-batches of --batch-size on each rank.
+    accumulate = cfg.grad_accum_steps > 1
+    step_batch = cfg.batch_size * cfg.grad_accum_steps
+    steps_per_epoch = math.ceil(len(sampler) / step_batch)
     scheduler = build_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.schedule, cfg.warmup_steps)
 
     # Resume, or start fresh. Decided on every rank from the same files, before anything is written.
@@ -151,8 +154,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         ("run", f"{cfg.run_name}  (logs {run_dir}, checkpoints {ckpt_dir})"),
         ("world", f"{ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}, "
                   f"{ctx.threads} thread(s) per rank"),
-        ("batch", f"{cfg.batch_size} per rank, {cfg.batch_size * ctx.world_size} global, "
-                  f"{steps_per_epoch} steps per epoch"),
+        ("batch", f"{cfg.batch_size} per rank" + (f" x {cfg.grad_accum_steps} accumulated" if accumulate else "")
+                  + f", {step_batch * ctx.world_size} global, {steps_per_epoch} steps per epoch"),
         ("data", f"{cfg.dataset}: {len(data.train_x)} train / {len(data.val_x)} val, {data.in_dim}-d, "
                  f"{data.num_classes} classes, fingerprint {data.fingerprint}"),
         ("model", f"{cfg.model} {list(cfg.hidden)}, {sum(p.numel() for p in params):,} parameters"),
@@ -211,14 +214,25 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         trained_in_train_mode = model.training
         t_epoch = now()
         for position in range(step_in_epoch, steps_per_epoch):
-            idx = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
-            x, y = data.train_x[idx], data.train_y[idx]
-            with ddp_model.no_sync() if bug == "no-grad-sync" else nullcontext():  # no_sync: skip the all-reduce
-                logits = ddp_model(x)  # forward
-                if bug == "softmax-logits":
-                    logits = logits.softmax(1)  # the loss applies log-softmax itself: this squashes it twice
-                loss = loss_fn(logits, y)  # mean over this rank's batch; DDP's averaging makes it the global mean
-                loss.backward()  # gradients; under DDP, all-reduced across ranks as they are produced
+            idx = order[position * step_batch:(position + 1) * step_batch]
+            # Gradient accumulation: the step's batch is cut into micro-batches of --batch-size whose gradients add
+            # up in .grad; only the last one's backward all-reduces. At --grad-accum-steps 1 it is one plain batch.
+            micro_batches = idx.split(cfg.batch_size) if accumulate else (idx,)
+            for micro, micro_idx in enumerate(micro_batches):
+                x, y = data.train_x[micro_idx], data.train_y[micro_idx]
+                sync = micro == len(micro_batches) - 1 and bug != "no-grad-sync"
+                with grad_sync(ddp_model, sync):  # no_sync() unless sync: skip the all-reduce (forward AND backward)
+                    logits = ddp_model(x)  # forward
+                    if bug == "softmax-logits":
+                        logits = logits.softmax(1)  # the loss applies log-softmax itself: this squashes it twice
+                    loss = loss_fn(logits, y)  # mean over this rank's batch; DDP's averaging makes it the global mean
+                    if accumulate:  # weighted by its share of the step's samples: .grad sums to the step's mean
+                        loss = loss * (len(micro_idx) / len(idx))
+                    loss.backward()  # gradients; under DDP, all-reduced across ranks as they are produced
+                if micro == 0:
+                    step_loss, step_correct = loss.detach(), (logits.argmax(1) == y).sum()
+                else:  # accumulating: the step's loss and correct count are sums over its micro-batches
+                    step_loss, step_correct = step_loss + loss.detach(), step_correct + (logits.argmax(1) == y).sum()
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             if cfg.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
@@ -227,8 +241,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             if bug != "no-zero-grad":
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            per_sample = loss / len(idx) if bug == "sum-loss" else loss  # logs stay per-sample either way
-            meter.record(per_sample, (logits.argmax(1) == y).sum(), grad_norm, len(idx))
+            per_sample = step_loss / len(idx) if bug == "sum-loss" else step_loss  # logs stay per-sample either way
+            meter.record(per_sample, step_correct, grad_norm, len(idx))
             global_step += 1
 
             if global_step % cfg.log_every == 0:  # the only host syncs inside an epoch
@@ -328,7 +342,11 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     if ctx.is_main:
         logger.flush()
         summary["symptoms"] = detect_symptoms(summary, read_run(run_dir)[1])
-    logger.hparams(cfg.to_dict(), summary["final"] or {})
+    # The HParams dashboard: configuration (plus the world size) against outcomes, diverged runs included.
+    outcomes = dict(summary["final"] or dict.fromkeys(("train_loss", "train_acc", "val_loss", "val_acc")),
+                    diverged=float(summary["diverged"]), epochs_to_target_loss=summary["epochs_to_target_loss"],
+                    train_samples_per_sec=summary["train_samples_per_sec"])
+    logger.hparams(dict(cfg.to_dict(), world_size=ctx.world_size), outcomes)
     logger.summary(summary)
     logger.close()
     if summary["final"]:

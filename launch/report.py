@@ -48,6 +48,7 @@ PRODUCERS = (
              ("reports/overfit/study", "reports/overfit/boundary.png", "reports/overfit/curves.png")),
     Producer("break", "break_all.py", "reports/break", ("reports/break/",)),
     Producer("overfitting", "overfitting.py", "reports/overfitting", ("reports/overfitting/",)),
+    Producer("scale", "scale.py", "reports/scale", ("reports/scale/",)),
 )
 
 

@@ -164,8 +164,9 @@ def check_compatible(state: dict, config: dict, fingerprint: str, world_size: in
         raise UsageError(
             f"--resume: checkpoint was trained on dataset {state['dataset_fingerprint']}, this run built {fingerprint}"
         )
-    saved_global = saved["batch_size"] * state["world_size"]
-    this_global = config["batch_size"] * world_size
+    # The global batch must match; how it is reached (ranks x micro-batch x accumulation steps) may change.
+    saved_global = saved["batch_size"] * saved.get("grad_accum_steps", 1) * state["world_size"]
+    this_global = config["batch_size"] * config.get("grad_accum_steps", 1) * world_size
     if saved_global != this_global:
         raise UsageError(f"--resume: checkpoint used a global batch of {saved_global}, this run {this_global}")
     if state["progress"]["step_in_epoch"] and state["world_size"] != world_size:

@@ -66,6 +66,7 @@ class Config:
     epochs: int = 100
     batch_size: int = 32
     global_batch_size: int = 0
+    grad_accum_steps: int = 1
     eval_batch_size: int = 4096
     target_loss: float = 1e-3
     seed: int = 0
@@ -172,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=d.epochs, help="total epochs; a resume continues up to this number")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per rank per step")
     g.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
-                   help="samples per step over all ranks (instead of --batch-size); must divide by the world size")
+                   help="samples per optimizer step over all ranks (instead of --batch-size): per-rank batch x world "
+                        "size x --grad-accum-steps, so it must divide by their product")
+    g.add_argument("--grad-accum-steps", type=int, default=d.grad_accum_steps,
+                   help="micro-batches of --batch-size per optimizer step on each rank; gradients add up locally "
+                        "(DDP's no_sync) and are all-reduced once, on the last")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="samples per validation forward")
     g.add_argument("--target-loss", type=float, default=d.target_loss,
                    help="report the first epoch and step at which the epoch's train loss is <= this")
@@ -226,13 +231,17 @@ def parse_config(argv: list[str] | None = None, world_size: int | None = None) -
 
 
 def _resolve_batch(cfg: Config, world_size: int) -> Config:
+    """--global-batch-size G sets the per-rank micro-batch: G = batch_size x world_size x grad_accum_steps."""
     if cfg.global_batch_size:
-        if cfg.global_batch_size < 0 or cfg.global_batch_size % world_size:
+        if cfg.grad_accum_steps < 1:
+            raise UsageError(f"--grad-accum-steps must be at least 1, got {cfg.grad_accum_steps}")
+        per_step = world_size * cfg.grad_accum_steps
+        if cfg.global_batch_size < 0 or cfg.global_batch_size % per_step:
             raise UsageError(
                 f"--global-batch-size {cfg.global_batch_size} must be positive and divide by the world size "
-                f"{world_size}"
+                f"{world_size} x --grad-accum-steps {cfg.grad_accum_steps}"
             )
-        return dataclasses.replace(cfg, batch_size=cfg.global_batch_size // world_size)
+        return dataclasses.replace(cfg, batch_size=cfg.global_batch_size // per_step)
     return cfg
 
 
@@ -248,6 +257,9 @@ def validate(cfg: Config, world_size: int) -> None:
     need(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}")
     need(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
     need(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
+    need(cfg.grad_accum_steps >= 1, f"--grad-accum-steps must be at least 1, got {cfg.grad_accum_steps}")
+    # Summed micro-batch losses have no per-sample meaning to accumulate: the sum-loss demo runs at k = 1 only.
+    need(cfg.mistake != "sum-loss" or cfg.grad_accum_steps == 1, "--break sum-loss needs --grad-accum-steps 1")
     need(cfg.eval_batch_size > 0, f"--eval-batch-size must be positive, got {cfg.eval_batch_size}")
     need(0 < cfg.val_fraction < 1, f"--val-fraction must lie in (0, 1), got {cfg.val_fraction}")
     need(cfg.n_samples >= 2, f"--n-samples must be at least 2, got {cfg.n_samples}")
@@ -288,5 +300,8 @@ def validate(cfg: Config, world_size: int) -> None:
     need(cfg.batch_size <= shard,
          f"--batch-size {cfg.batch_size} exceeds a rank's shard of {shard} training samples "
          f"({n_train} over {world_size} rank(s))")
+    need(cfg.batch_size * cfg.grad_accum_steps <= shard,
+         f"--batch-size {cfg.batch_size} x --grad-accum-steps {cfg.grad_accum_steps} exceeds a rank's shard of "
+         f"{shard} training samples ({n_train} over {world_size} rank(s))")
     need(dataset_shape(cfg.dataset, cfg.dim, cfg.classes) == (cfg.dim, cfg.classes),
          f"--dim and --classes apply to the rule dataset; {cfg.dataset} is fixed at 2 dimensions and 2 classes")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -149,6 +149,17 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     if dist.is_initialized():
         for buf in module.buffers():
             dist.broadcast(buf, src=0)
+
+
+def grad_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
+    """Context for one forward + backward: DDP all-reduces the gradients only if `sync`.
+
+    `no_sync()` must cover the forward too, or DDP still prepares the all-reduce.
+    Without DDP (world 1) there is nothing to skip.
+    """
+    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return model.no_sync()
 
 
 def barrier() -> None:

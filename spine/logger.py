@@ -133,12 +133,15 @@ class RunLogger:
 
         flat = {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in config.items()}
         flat = {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
-        metrics = {f"hparam/{k}": v for k, v in final.items() if isinstance(v, (int, float)) and v is not None}
+        # Every metric is declared, even one a diverged run has no value for (None): TensorBoard takes the
+        # dashboard's columns from whichever run it reads first, so a run declaring fewer would hide them all.
+        metrics = {f"hparam/{k}": v for k, v in final.items()}
         # Written into this run's own event file (add_hparams would open a sub-run).
         for summary in hparams(flat, metrics):
             self.writer.file_writer.add_summary(summary)
         for k, v in metrics.items():
-            self.writer.add_scalar(k, v)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(k, v)
 
     def summary(self, summary: dict) -> None:
         if not self.enabled:
