@@ -290,6 +290,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                 break
             save(epoch, 0, best=is_best)
 
+    loop_seconds = now() - t_start  # the epochs and all they do: steps, validation, logging, checkpoints
     if diverged:
         say(f"stopped: {diverged}; no checkpoint written after the last finite one")
         if len(meter):  # keep the steps that led up to it: the evidence of how the run blew up
@@ -316,6 +317,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         "ln_num_classes": math.log(data.num_classes),
         "epochs_completed": epoch, "global_step": global_step,
         "wall_seconds": elapsed_before + now() - t_start,
+        "loop_seconds": loop_seconds,
         "train_samples_per_sec": samples_trained / train_seconds if train_seconds else None,
         "diverged": diverged is not None, "divergence": diverged,
         "break": bug or None,
