@@ -164,6 +164,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
 
     def save(epoch: int, position: int, best: bool = False) -> None:
         """Rank 0 writes; every rank's RNG state goes in, so dropout resumes exactly where it stopped."""
+        nonlocal last_save
         rng = gather_objects(ckpt.rng_state(), ctx)
         if ctx.is_main:
             state = {
@@ -176,6 +177,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             }
             ckpt.save_checkpoint(state, ckpt_dir, global_step, cfg.keep_checkpoints, best)
         barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
+        last_save = now()
 
     def first_non_finite(since: int) -> str | None:
         """Collective: a NaN on one rank must stop every rank at the same step, or the others hang."""
@@ -196,7 +198,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             problem = f"non-finite parameters at step {global_step}"
         return problem
 
-    t_start = now()
+    t_start = last_save = now()
     first_epoch = epoch
     samples_trained, train_seconds, diverged = 0, 0.0, None
     checked = len(meter)  # steps of this epoch already checked for non-finite values
@@ -271,7 +273,12 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             tracker["epochs_to_100_train_acc"], tracker["steps_to_100_train_acc"] = epoch, global_step
         if train_loss <= cfg.target_loss and tracker["epochs_to_target_loss"] is None:
             tracker["epochs_to_target_loss"], tracker["steps_to_target_loss"] = epoch, global_step
-        due = epoch % cfg.checkpoint_every_epochs == 0 or epoch == cfg.epochs
+        # Saving costs a write and an fsync (tens of ms), far more than a tiny epoch: the default cadence is by
+        # time. Rank 0's clock decides, so every rank enters the save's collectives together.
+        time_due = cfg.checkpoint_every_seconds and per_rank_values(
+            float(now() - last_save >= cfg.checkpoint_every_seconds), ctx)[0]
+        every_n = cfg.checkpoint_every_epochs and epoch % cfg.checkpoint_every_epochs == 0
+        due = bool(every_n or time_due) or epoch == cfg.epochs
         is_best = due and val_loss < tracker["best_val_loss"]
         if is_best:
             tracker.update(best_val_loss=val_loss, best_val_acc=val_acc, best_epoch=epoch, best_step=global_step)
@@ -283,8 +290,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                                   elapsed=fmt_seconds(elapsed), eta=fmt_seconds(eta)))
         if diverged:
             break
-        # best.pt is the best of the checkpoints the cadence writes: saving every improvement would cost an
-        # fsync per epoch on tiny runs, where epochs take milliseconds.
+        # best.pt is the best of the checkpoints the cadence writes: saving every improvement would cost a
+        # write and an fsync per epoch on tiny runs, where epochs take milliseconds.
         if due:
             if diverged := safe_to_save(0):
                 break
