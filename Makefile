@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-seeds overfit-study overfitting break test lint tensorboard
+.PHONY: help overfit overfit-seeds overfit-study overfitting break bench test lint tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ overfitting: $(STAMP) ## a real overfitting run: val loss turns up; best.pt vs l
 
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
 	$(PY) launch/break_all.py --out reports/break
+
+bench: $(STAMP) ## train.py's loop vs bare, tutorial and bare-DDP loops, side by side (reports/bench/bench.md)
+	$(PY) launch/bench.py --out reports/bench
 
 test: $(STAMP) ## the test suite (CPU, gloo, real processes)
 	$(PY) -m pytest -q

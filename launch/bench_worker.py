@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
+import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import train as train_py  # noqa: E402
 from launch.bench_loops import bare_loop, build_problem, tutorial_loop  # noqa: E402
 from spine import checkpoint as ckpt  # noqa: E402
 from spine.config import parse_config  # noqa: E402
-from spine.distributed import DistContext, barrier, distributed_session, launch_env  # noqa: E402
+from spine.distributed import DistContext, barrier, default_threads, distributed_session, launch_env  # noqa: E402
 
 # train.py with its TensorBoard, per-step logging and console lines switched off: the bookkeeping baseline.
 QUIET = ["--no-tensorboard", "--log-every", "1000000000", "--print-every", "1000000000"]
@@ -94,6 +95,13 @@ def run_reference(kind: str, args: list[str], ctx: DistContext, scratch: Path) -
 
 
 def run_kind(kind: str, args: list[str], ctx: DistContext, scratch: Path, clock: CheckpointClock) -> dict:
+    if kind == "bare default threads":  # the bare loop at the thread count train.py would pick by default
+        threads = torch.get_num_threads()
+        torch.set_num_threads(default_threads(ctx.local_world_size))
+        try:
+            return dict(run_reference("bare", args, ctx, scratch), threads=torch.get_num_threads())
+        finally:
+            torch.set_num_threads(threads)
     if kind == "train.py":
         return run_train_py(args, ctx, scratch, "default", clock)
     if kind == "train.py quiet":
@@ -108,12 +116,13 @@ def main() -> int:
     p.add_argument("--hidden", default="64,64")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--slow-kind-epochs", type=int, default=20,
+                   help="epochs for 'bare default threads', which can be very slow on a shared machine")
     p.add_argument("--kinds", default="bare,tutorial,train.py,train.py quiet")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank for every loop; 0 = train.py's "
                    "default (physical cores // ranks)")
     opts = p.parse_args()
     kinds = opts.kinds.split(",")
-    args = ["--hidden", opts.hidden, "--epochs", str(opts.epochs)]
     world = launch_env()[2]
     clock = CheckpointClock()
     with distributed_session("cpu", opts.threads, 120.0) as ctx, tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -125,10 +134,12 @@ def main() -> int:
             shift = repeat % len(kinds)
             for kind in kinds[shift:] + kinds[:shift]:
                 barrier()
-                result = run_kind(kind, args, ctx, scratch, clock)
+                epochs = opts.slow_kind_epochs if kind == "bare default threads" else opts.epochs
+                result = run_kind(kind, ["--hidden", opts.hidden, "--epochs", str(epochs)], ctx, scratch, clock)
                 if ctx.is_main:
                     result.update(label=opts.label, hidden=opts.hidden, world=world, kind=kind, repeat=repeat,
-                                  epochs=opts.epochs, threads_per_rank=ctx.threads, backend=ctx.backend)
+                                  epochs=epochs, backend=ctx.backend, physical_cores=default_threads(1),
+                                  threads_per_rank=result.get("threads", ctx.threads))
                     with open(opts.out, "a") as f:
                         f.write(json.dumps(result) + "\n")
         barrier()
