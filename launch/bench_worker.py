@@ -44,10 +44,14 @@ QUIET = ["--no-tensorboard", "--log-every", "1000000000", "--print-every", "1000
 class CheckpointClock:
     """Seconds spent inside spine.checkpoint.save_checkpoint (rank 0's writes), without editing it."""
 
-    def __init__(self) -> None:
+    def __enter__(self) -> CheckpointClock:
         self.seconds, self.saves = 0.0, 0
         self._save = ckpt.save_checkpoint
         ckpt.save_checkpoint = self._timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ckpt.save_checkpoint = self._save
 
     def _timed(self, *args, **kwargs):
         t = time.perf_counter()
@@ -124,8 +128,8 @@ def main() -> int:
     opts = p.parse_args()
     kinds = opts.kinds.split(",")
     world = launch_env()[2]
-    clock = CheckpointClock()
-    with distributed_session("cpu", opts.threads, 120.0) as ctx, tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+    with (distributed_session("cpu", opts.threads, 120.0) as ctx, CheckpointClock() as clock,
+          tempfile.TemporaryDirectory(prefix="bench-") as tmp):
         scratch = Path(tmp) / f"rank{ctx.rank}"
         scratch.mkdir()
         for kind in kinds:  # warm-up, untimed: lazy imports, allocator, first optimizer step
