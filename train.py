@@ -184,11 +184,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         losses, norms = meter.series(since)
         finite = [math.isfinite(a) and math.isfinite(g) for a, g in zip(losses, norms, strict=True)]
         bad = finite.index(False) if False in finite else None
-        bad_steps = per_rank_values(0 if bad is None else global_step - len(losses) + bad + 1, ctx)
-        if not any(bad_steps):
-            return None
-        first = min(s for s in bad_steps if s)
-        return f"non-finite loss or gradient at step {int(first)} on rank {bad_steps.index(first)}"
+        return _non_finite_message(per_rank_values(0 if bad is None else global_step - len(losses) + bad + 1, ctx))
 
     def safe_to_save(since: int) -> str | None:
         """Why the current weights must not be saved (non-finite anywhere), or None."""
@@ -244,13 +240,21 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                     break
                 checked = len(meter)
                 save(epoch, position + 1)
-        if diverged or (diverged := first_non_finite(checked)):
+        if diverged:
             break
         epoch_seconds = now() - t_epoch
+        # One all-reduce for all the ranks must agree on after an epoch (each collective is a round trip):
+        # metric sums and counts (global, then one division), the non-finite check of the steps not yet checked,
+        # each rank's shard fingerprint, and rank 0's clock for the time-based checkpoint.
+        save_by_clock = 0 < cfg.checkpoint_every_seconds <= now() - last_save
+        order_fingerprint = fingerprint(order)
+        totals = meter.end_of_epoch(ctx, checked, global_step, int(order_fingerprint[:13], 16), save_by_clock)
+        if diverged := _non_finite_message(totals.bad_steps):
+            break
         train_seconds += epoch_seconds
         samples_trained += sum(meter.sizes) * ctx.world_size
 
-        train_loss, train_acc = meter.reduce(ctx)  # global: sums and counts over ranks, then one division
+        train_loss, train_acc = totals.loss, totals.acc
         step_losses, step_grad_norms = meter.series(0)  # this rank's; rank 0's go to the log
         if tracker["first_step_loss"] is None:
             tracker["first_step_loss"] = step_losses[0]
@@ -265,8 +269,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
                "grad_norm": sum(step_grad_norms) / len(step_grad_norms),
                "samples_per_sec": len(sampler) * ctx.world_size / epoch_seconds, "epoch_seconds": epoch_seconds,
-               "order_fingerprint": fingerprint(order), "step_losses": step_losses, "step_grad_norms": step_grad_norms,
-               "shard_fingerprints": per_rank_values(int(fingerprint(order)[:13], 16), ctx),
+               "order_fingerprint": order_fingerprint, "step_losses": step_losses, "step_grad_norms": step_grad_norms,
+               "shard_fingerprints": totals.shard_fingerprints,
                "trained_in_train_mode": trained_in_train_mode, "validated_in_eval_mode": validated_in_eval_mode}
         tracker["final"] = {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
         if train_acc == 1.0 and tracker["epochs_to_100_train_acc"] is None:
@@ -274,11 +278,9 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         if train_loss <= cfg.target_loss and tracker["epochs_to_target_loss"] is None:
             tracker["epochs_to_target_loss"], tracker["steps_to_target_loss"] = epoch, global_step
         # Saving costs a write and an fsync (tens of ms), far more than a tiny epoch: the default cadence is by
-        # time. Rank 0's clock decides, so every rank enters the save's collectives together.
-        time_due = cfg.checkpoint_every_seconds and per_rank_values(
-            float(now() - last_save >= cfg.checkpoint_every_seconds), ctx)[0]
+        # time. Rank 0's clock decides (totals.rank0_flag), so every rank enters the save's collectives together.
         every_n = cfg.checkpoint_every_epochs and epoch % cfg.checkpoint_every_epochs == 0
-        due = bool(every_n or time_due) or epoch == cfg.epochs
+        due = bool(every_n) or totals.rank0_flag or epoch == cfg.epochs
         is_best = due and val_loss < tracker["best_val_loss"]
         if is_best:
             tracker.update(best_val_loss=val_loss, best_val_acc=val_acc, best_epoch=epoch, best_step=global_step)
@@ -359,6 +361,14 @@ def _log_step(logger: RunLogger, meter: EpochMeter, step: int, lr: float, epoch:
     if console:
         logger.table_row({"epoch": epoch + 1, "step": step, "train_loss": losses[0], "lr": lr,
                           "grad_norm": norms[0], "elapsed": fmt_seconds(elapsed)})
+
+
+def _non_finite_message(bad_steps: list[float]) -> str | None:
+    """The first non-finite step over all ranks (0 = none on that rank), or None."""
+    if not any(bad_steps):
+        return None
+    first = min(s for s in bad_steps if s)
+    return f"non-finite loss or gradient at step {int(first)} on rank {bad_steps.index(first)}"
 
 
 def _finite_or_none(value):
