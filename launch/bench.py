@@ -34,6 +34,31 @@ FLOOR = ("import torch; m = torch.nn.Linear(2, 2); o = torch.optim.Adam(m.parame
 OVERFIT = ["train.py", "--run-name", "overfit", "--overwrite", "--print-every", "10"]  # make overfit's command
 
 
+NOTES = [
+    "What is timed. Cells: median over repeats (min–max). Every loop trains the same model on the same data "
+    "(moons, 160 train / 40 validation samples, Adam lr 0.01, batch 32 per rank) for the same epochs and optimizer "
+    "steps; model and optimizer are built before the clock starts.",
+    "",
+    "- (a) and the world-2 bare DDP loop: ~15 lines over in-memory tensors (`launch/bench_loops.py`), nothing else.",
+    "- (b): `DataLoader` (default collate) over a `TensorDataset` with `DistributedSampler`, `.item()` and a log "
+    "line to a file every step.",
+    "- (c): train.py's `loop_seconds`, from the first epoch's start to the end of the last epoch's checkpoint: the "
+    "steps and everything train.py does per epoch (shuffle, grad norm, LR schedule, bookkeeping, non-finite "
+    "checks, metric reduction, validation, metrics.jsonl, TensorBoard, console, checkpoints at the default "
+    "cadence including the final save). Not included: process start, imports and train()'s set-up and summary "
+    "(their own row, `train() outside the epoch loop`), which the end-to-end rows do include.",
+    "- TensorBoard + logging row: (c) against the same loop with `--no-tensorboard`, `--log-every` and "
+    "`--print-every` set beyond the run (so also without the every-10-steps non-finite check); its spread shows "
+    "how noisy a few-percent difference is on a shared machine.",
+    "- Checkpoint row: seconds inside `spine.checkpoint.save_checkpoint` (torch.save, fsync, rename) over (c)'s "
+    "loop seconds.",
+    "- World 1 runs every loop at 1 intra-op thread; train.py's default on this machine is the physical core "
+    "count, and the `default threads / 1 thread` row shows what that costs here. World 2 uses train.py's "
+    "default (1 thread per rank). The end-to-end rows run `make overfit`'s command as a fresh process, at its "
+    "default threads and at `--threads 1`.",
+]
+
+
 def run_workers(sizes: Sizes, repeats: int, results: Path) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("WORLD_SIZE", None)
@@ -54,9 +79,11 @@ def time_end_to_end(repeats: int, overfit_args: list[str], results: Path) -> Non
         overfit = [sys.executable, *OVERFIT, "--runs-dir", f"{tmp}/runs", "--checkpoints-dir", f"{tmp}/ckpt",
                    *overfit_args]
         floor = [sys.executable, "-c", FLOOR]
-        print(f"bench: end to end, {repeats} x (make overfit's command, floor)", flush=True)
+        kinds = [("make overfit", overfit), ("make overfit --threads 1", overfit + ["--threads", "1"]),
+                 ("floor", floor)]
+        print(f"bench: end to end, {repeats} x (make overfit's command, the same at 1 thread, floor)", flush=True)
         for repeat in range(repeats):
-            for kind, cmd in (("make overfit", overfit), ("floor", floor))[:: 1 if repeat % 2 == 0 else -1]:
+            for kind, cmd in kinds[repeat % 3:] + kinds[:repeat % 3]:
                 t = time.perf_counter()
                 subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
                 row = {"label": "end to end", "world": 1, "kind": kind, "repeat": repeat,
@@ -101,7 +128,7 @@ def machine() -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="reports/bench")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats per pair")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved repeats per pair")
     p.add_argument("--tiny", default="64,64:100", help="hidden widths:epochs of the tiny MLP (the default recipe)")
     p.add_argument("--medium", default="1024,1024:10", help="hidden widths:epochs of the ~1M-parameter MLP")
     p.add_argument("--end-to-end-repeats", type=int, default=3)
@@ -134,7 +161,7 @@ def main() -> int:
         f"{opts.end_to_end_repeats} end to end.",
         "",
     ]
-    text = "\n".join(header) + build_table(rows, sizes) + "\n"
+    text = "\n".join(header) + build_table(rows, sizes) + "\n\n" + "\n".join(NOTES) + "\n"
     (out / "bench.md").write_text(text)
     print(text)
     return 0

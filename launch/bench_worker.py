@@ -143,6 +143,7 @@ def main() -> int:
                 if ctx.is_main:
                     result.update(label=opts.label, hidden=opts.hidden, world=world, kind=kind, repeat=repeat,
                                   epochs=epochs, backend=ctx.backend, physical_cores=default_threads(1),
+                                  default_threads=default_threads(ctx.local_world_size),
                                   threads_per_rank=result.get("threads", ctx.threads))
                     with open(opts.out, "a") as f:
                         f.write(json.dumps(result) + "\n")
