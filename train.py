@@ -47,14 +47,14 @@ from spine.symptoms import detect as detect_symptoms
 
 
 @torch.no_grad()  # no autograd graph: validation must not build one, nor touch .grad
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext,
-             batch_size: int, bug: str = "") -> tuple[float, float]:
-    """Exact loss and accuracy of `model` on (x, y), shared out over the ranks.
+def validation_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext,
+                    batch_size: int, bug: str = "") -> torch.Tensor:
+    """This rank's (loss sum, correct, count) over its share of (x, y): sum these over ranks, then divide.
 
     DistributedSampler pads the index list (repeating its first entries) until
     it divides by the world size; counting those repeats would bias the metric.
-    Padded positions are dropped, sums and counts are reduced over ranks, and
-    only then divided: the result equals a single-process evaluation.
+    Padded positions are dropped here, so the reduced sums divided once equal a
+    single-process evaluation.
     """
     if bug != "no-eval-mode":
         model.eval()  # dropout off, BatchNorm uses (and no longer updates) its running statistics
@@ -71,6 +71,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContex
         totals[0] += F.cross_entropy(logits, y[idx], reduction="none").double().sum()
         totals[1] += (logits.argmax(1) == y[idx]).sum()
         totals[2] += len(idx)
+    return totals
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext,
+             batch_size: int, bug: str = "") -> tuple[float, float]:
+    """Exact loss and accuracy of `model` on (x, y), shared out over the ranks (the epoch loop instead sends
+    validation_sums through its one end-of-epoch all-reduce)."""
+    totals = validation_sums(model, x, y, ctx, batch_size, bug)
     if bug != "rank0-val":  # without the reduction each rank reports its own shard, and rank 0's gets logged
         all_reduce_sum(totals)
     loss_sum, correct, count = totals.tolist()
@@ -243,12 +251,16 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         if diverged:
             break
         epoch_seconds = now() - t_epoch
+        broadcast_buffers(model)
+        val_sums = validation_sums(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size, bug)
+        validated_in_eval_mode = not model.training
         # One all-reduce for all the ranks must agree on after an epoch (each collective is a round trip):
-        # metric sums and counts (global, then one division), the non-finite check of the steps not yet checked,
-        # each rank's shard fingerprint, and rank 0's clock for the time-based checkpoint.
+        # train and validation sums and counts (global, then one division each), the non-finite check of the
+        # steps not yet checked, each rank's shard fingerprint, and rank 0's clock for the time-based checkpoint.
         save_by_clock = 0 < cfg.checkpoint_every_seconds <= now() - last_save
         order_fingerprint = fingerprint(order)
-        totals = meter.end_of_epoch(ctx, checked, global_step, int(order_fingerprint[:13], 16), save_by_clock)
+        totals = meter.end_of_epoch(ctx, checked, global_step, int(order_fingerprint[:13], 16), save_by_clock,
+                                    extra=val_sums)
         if diverged := _non_finite_message(totals.bad_steps):
             break
         train_seconds += epoch_seconds
@@ -258,9 +270,9 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         step_losses, step_grad_norms = meter.series(0)  # this rank's; rank 0's go to the log
         if tracker["first_step_loss"] is None:
             tracker["first_step_loss"] = step_losses[0]
-        broadcast_buffers(model)
-        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size, bug)
-        validated_in_eval_mode = not model.training
+        # rank0-val: the unreduced sums, so each rank reports its own shard, and rank 0's gets logged.
+        val_loss_sum, val_correct, val_count = val_sums.tolist() if bug == "rank0-val" else totals.extra
+        val_loss, val_acc = val_loss_sum / val_count, val_correct / val_count
         epoch, step_in_epoch, checked, meter = epoch + 1, 0, 0, EpochMeter()
         if not math.isfinite(val_loss):  # reduced over ranks, so every rank takes this branch together
             diverged = f"non-finite validation loss after epoch {epoch}"
