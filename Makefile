@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-seeds overfit-study overfitting break scale report test lint tensorboard
+.PHONY: help overfit overfit-seeds overfit-study overfitting break scale bench report test lint tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ scale: $(STAMP) ## data size, batch (lr fixed/scaled), world size, accumulation 
 
 report: $(STAMP) ## rerun what the write-ups cite but is missing (FORCE=1: all of it), refill their tables
 	$(PY) launch/report.py $(if $(FORCE),--force)
+
+bench: $(STAMP) ## train.py's loop vs bare, tutorial and bare-DDP loops, side by side (reports/bench/bench.md)
+	$(PY) launch/bench.py --out reports/bench
 
 test: $(STAMP) ## the test suite (CPU, gloo, real processes)
 	$(VENV)/bin/ruff check .

@@ -47,14 +47,14 @@ from spine.symptoms import detect as detect_symptoms
 
 
 @torch.no_grad()  # no autograd graph: validation must not build one, nor touch .grad
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext,
-             batch_size: int, bug: str = "") -> tuple[float, float]:
-    """Exact loss and accuracy of `model` on (x, y), shared out over the ranks.
+def validation_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext,
+                    batch_size: int, bug: str = "") -> torch.Tensor:
+    """This rank's (loss sum, correct, count) over its share of (x, y): sum these over ranks, then divide.
 
     DistributedSampler pads the index list (repeating its first entries) until
     it divides by the world size; counting those repeats would bias the metric.
-    Padded positions are dropped, sums and counts are reduced over ranks, and
-    only then divided: the result equals a single-process evaluation.
+    Padded positions are dropped here, so the reduced sums divided once equal a
+    single-process evaluation.
     """
     if bug != "no-eval-mode":
         model.eval()  # dropout off, BatchNorm uses (and no longer updates) its running statistics
@@ -71,6 +71,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContex
         totals[0] += F.cross_entropy(logits, y[idx], reduction="none").double().sum()
         totals[1] += (logits.argmax(1) == y[idx]).sum()
         totals[2] += len(idx)
+    return totals
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext,
+             batch_size: int, bug: str = "") -> tuple[float, float]:
+    """Exact loss and accuracy of `model` on (x, y), shared out over the ranks (the epoch loop instead sends
+    validation_sums through its one end-of-epoch all-reduce)."""
+    totals = validation_sums(model, x, y, ctx, batch_size, bug)
     if bug != "rank0-val":  # without the reduction each rank reports its own shard, and rank 0's gets logged
         all_reduce_sum(totals)
     loss_sum, correct, count = totals.tolist()
@@ -167,6 +175,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
 
     def save(epoch: int, position: int, best: bool = False) -> None:
         """Rank 0 writes; every rank's RNG state goes in, so dropout resumes exactly where it stopped."""
+        nonlocal last_save
         rng = gather_objects(ckpt.rng_state(), ctx)
         if ctx.is_main:
             state = {
@@ -179,17 +188,14 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             }
             ckpt.save_checkpoint(state, ckpt_dir, global_step, cfg.keep_checkpoints, best)
         barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
+        last_save = now()
 
     def first_non_finite(since: int) -> str | None:
         """Collective: a NaN on one rank must stop every rank at the same step, or the others hang."""
         losses, norms = meter.series(since)
         finite = [math.isfinite(a) and math.isfinite(g) for a, g in zip(losses, norms, strict=True)]
         bad = finite.index(False) if False in finite else None
-        bad_steps = per_rank_values(0 if bad is None else global_step - len(losses) + bad + 1, ctx)
-        if not any(bad_steps):
-            return None
-        first = min(s for s in bad_steps if s)
-        return f"non-finite loss or gradient at step {int(first)} on rank {bad_steps.index(first)}"
+        return _non_finite_message(per_rank_values(0 if bad is None else global_step - len(losses) + bad + 1, ctx))
 
     def safe_to_save(since: int) -> str | None:
         """Why the current weights must not be saved (non-finite anywhere), or None."""
@@ -199,7 +205,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             problem = f"non-finite parameters at step {global_step}"
         return problem
 
-    t_start = now()
+    t_start = last_save = now()
     first_epoch = epoch
     samples_trained, train_seconds, diverged = 0, 0.0, None
     checked = len(meter)  # steps of this epoch already checked for non-finite values
@@ -256,19 +262,31 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                     break
                 checked = len(meter)
                 save(epoch, position + 1)
-        if diverged or (diverged := first_non_finite(checked)):
+        if diverged:
             break
         epoch_seconds = now() - t_epoch
+        broadcast_buffers(model)
+        val_sums = validation_sums(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size, bug)
+        validated_in_eval_mode = not model.training
+        # One all-reduce for all the ranks must agree on after an epoch (each collective is a round trip):
+        # train and validation sums and counts (global, then one division each), the non-finite check of the
+        # steps not yet checked, each rank's shard fingerprint, and rank 0's clock for the time-based checkpoint.
+        save_by_clock = 0 < cfg.checkpoint_every_seconds <= now() - last_save
+        order_fingerprint = fingerprint(order)
+        totals = meter.end_of_epoch(ctx, checked, global_step, int(order_fingerprint[:13], 16), save_by_clock,
+                                    extra=val_sums)
+        if diverged := _non_finite_message(totals.bad_steps):
+            break
         train_seconds += epoch_seconds
         samples_trained += sum(meter.sizes) * ctx.world_size
 
-        train_loss, train_acc = meter.reduce(ctx)  # global: sums and counts over ranks, then one division
+        train_loss, train_acc = totals.loss, totals.acc
         step_losses, step_grad_norms = meter.series(0)  # this rank's; rank 0's go to the log
         if tracker["first_step_loss"] is None:
             tracker["first_step_loss"] = step_losses[0]
-        broadcast_buffers(model)
-        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size, bug)
-        validated_in_eval_mode = not model.training
+        # rank0-val: the unreduced sums, so each rank reports its own shard, and rank 0's gets logged.
+        val_loss_sum, val_correct, val_count = val_sums.tolist() if bug == "rank0-val" else totals.extra
+        val_loss, val_acc = val_loss_sum / val_count, val_correct / val_count
         epoch, step_in_epoch, checked, meter = epoch + 1, 0, 0, EpochMeter()
         if not math.isfinite(val_loss):  # reduced over ranks, so every rank takes this branch together
             diverged = f"non-finite validation loss after epoch {epoch}"
@@ -277,15 +295,18 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
                "grad_norm": sum(step_grad_norms) / len(step_grad_norms),
                "samples_per_sec": len(sampler) * ctx.world_size / epoch_seconds, "epoch_seconds": epoch_seconds,
-               "order_fingerprint": fingerprint(order), "step_losses": step_losses, "step_grad_norms": step_grad_norms,
-               "shard_fingerprints": per_rank_values(int(fingerprint(order)[:13], 16), ctx),
+               "order_fingerprint": order_fingerprint, "step_losses": step_losses, "step_grad_norms": step_grad_norms,
+               "shard_fingerprints": totals.shard_fingerprints,
                "trained_in_train_mode": trained_in_train_mode, "validated_in_eval_mode": validated_in_eval_mode}
         tracker["final"] = {k: row[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
         if train_acc == 1.0 and tracker["epochs_to_100_train_acc"] is None:
             tracker["epochs_to_100_train_acc"], tracker["steps_to_100_train_acc"] = epoch, global_step
         if train_loss <= cfg.target_loss and tracker["epochs_to_target_loss"] is None:
             tracker["epochs_to_target_loss"], tracker["steps_to_target_loss"] = epoch, global_step
-        due = epoch % cfg.checkpoint_every_epochs == 0 or epoch == cfg.epochs
+        # Saving costs a write and an fsync (tens of ms), far more than a tiny epoch: the default cadence is by
+        # time. Rank 0's clock decides (totals.rank0_flag), so every rank enters the save's collectives together.
+        every_n = cfg.checkpoint_every_epochs and epoch % cfg.checkpoint_every_epochs == 0
+        due = bool(every_n) or totals.rank0_flag or epoch == cfg.epochs
         is_best = due and val_loss < tracker["best_val_loss"]
         if is_best:
             tracker.update(best_val_loss=val_loss, best_val_acc=val_acc, best_epoch=epoch, best_step=global_step)
@@ -297,13 +318,14 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                                   elapsed=fmt_seconds(elapsed), eta=fmt_seconds(eta)))
         if diverged:
             break
-        # best.pt is the best of the checkpoints the cadence writes: saving every improvement would cost an
-        # fsync per epoch on tiny runs, where epochs take milliseconds.
+        # best.pt is the best of the checkpoints the cadence writes: saving every improvement would cost a
+        # write and an fsync per epoch on tiny runs, where epochs take milliseconds.
         if due:
             if diverged := safe_to_save(0):
                 break
             save(epoch, 0, best=is_best)
 
+    loop_seconds = now() - t_start  # the epochs and all they do: steps, validation, logging, checkpoints
     if diverged:
         say(f"stopped: {diverged}; no checkpoint written after the last finite one")
         if len(meter):  # keep the steps that led up to it: the evidence of how the run blew up
@@ -330,6 +352,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         "ln_num_classes": math.log(data.num_classes),
         "epochs_completed": epoch, "global_step": global_step,
         "wall_seconds": elapsed_before + now() - t_start,
+        "loop_seconds": loop_seconds,
         "train_samples_per_sec": samples_trained / train_seconds if train_seconds else None,
         "diverged": diverged is not None, "divergence": diverged,
         "break": bug or None,
@@ -368,6 +391,14 @@ def _log_step(logger: RunLogger, meter: EpochMeter, step: int, lr: float, epoch:
     if console:
         logger.table_row({"epoch": epoch + 1, "step": step, "train_loss": losses[0], "lr": lr,
                           "grad_norm": norms[0], "elapsed": fmt_seconds(elapsed)})
+
+
+def _non_finite_message(bad_steps: list[float]) -> str | None:
+    """The first non-finite step over all ranks (0 = none on that rank), or None."""
+    if not any(bad_steps):
+        return None
+    first = min(s for s in bad_steps if s)
+    return f"non-finite loss or gradient at step {int(first)} on rank {bad_steps.index(first)}"
 
 
 def _finite_or_none(value):

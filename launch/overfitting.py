@@ -27,7 +27,7 @@ from spine.experiment import run_in_process  # noqa: E402
 
 ARGS = ["--dataset", "moons", "--n-samples", "100", "--noise", "0.35", "--hidden", "256,256",
         "--optimizer", "adam", "--lr", "0.01", "--batch-size", "16", "--epochs", "300", "--seed", "0",
-        "--print-every", "100000", "--keep-checkpoints", "2"]
+        "--print-every", "100000", "--keep-checkpoints", "2", "--checkpoint-every-epochs", "1"]  # best.pt: every epoch
 TEST_SEED, TEST_SIZE = 12345, 5000
 
 

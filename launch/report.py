@@ -49,6 +49,7 @@ PRODUCERS = (
     Producer("break", "break_all.py", "reports/break", ("reports/break/",)),
     Producer("overfitting", "overfitting.py", "reports/overfitting", ("reports/overfitting/",)),
     Producer("scale", "scale.py", "reports/scale", ("reports/scale/",)),
+    Producer("bench", "bench.py", "reports/bench", ("reports/bench/",)),
 )
 
 

@@ -82,7 +82,8 @@ class Config:
     resume: str = ""
     overwrite: bool = False
     checkpoint_every_steps: int = 0
-    checkpoint_every_epochs: int = 1
+    checkpoint_every_epochs: int = 0
+    checkpoint_every_seconds: float = 60.0
     keep_checkpoints: int = 3
     log_every: int = 10
     print_every: int = 1
@@ -205,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps,
                    help="also write last.pt every N optimizer steps; 0 = only at epoch ends")
     g.add_argument("--checkpoint-every-epochs", type=int, default=d.checkpoint_every_epochs,
-                   help="write last.pt every N epochs (and always after the final one); best.pt is the best of these")
+                   help="write last.pt every N epochs; 0 = off. The final epoch is always saved; best.pt is the "
+                        "best of the saved checkpoints")
+    g.add_argument("--checkpoint-every-seconds", type=float, default=d.checkpoint_every_seconds,
+                   help="write last.pt at the end of the first epoch at least this many seconds after the last "
+                        "save (rank 0's clock decides for all ranks); 0 = off")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="step checkpoints kept on disk (newest first); last.pt and best.pt point into them")
     g.add_argument("--log-every", type=int, default=d.log_every,
@@ -274,8 +279,10 @@ def validate(cfg: Config, world_size: int) -> None:
     need(cfg.threads >= 0, f"--threads must be >= 0 (0 = automatic), got {cfg.threads}")
     need(cfg.pg_timeout > 0, f"--pg-timeout must be positive, got {cfg.pg_timeout}")
     need(cfg.checkpoint_every_steps >= 0, f"--checkpoint-every-steps must be >= 0, got {cfg.checkpoint_every_steps}")
-    need(cfg.checkpoint_every_epochs > 0,
-         f"--checkpoint-every-epochs must be positive, got {cfg.checkpoint_every_epochs}")
+    need(cfg.checkpoint_every_epochs >= 0,
+         f"--checkpoint-every-epochs must be >= 0 (0 = off), got {cfg.checkpoint_every_epochs}")
+    need(math.isfinite(cfg.checkpoint_every_seconds) and cfg.checkpoint_every_seconds >= 0,
+         f"--checkpoint-every-seconds must be >= 0 (0 = off), got {cfg.checkpoint_every_seconds}")
     need(cfg.keep_checkpoints > 0, f"--keep-checkpoints must be positive, got {cfg.keep_checkpoints}")
     need(cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}")
     need(cfg.print_every > 0, f"--print-every must be positive, got {cfg.print_every}")

@@ -6,9 +6,23 @@ per epoch (and read at the cheap checkpoints the loop already has).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from spine.distributed import DistContext, all_reduce_sum
+
+
+@dataclass(frozen=True)
+class EpochTotals:
+    """What every rank agrees on at the end of an epoch, from one all-reduce."""
+
+    loss: float  # global mean train loss
+    acc: float  # global train accuracy
+    bad_steps: list[float]  # per rank: first global step with a non-finite loss or grad norm, 0 = none
+    shard_fingerprints: list[float]  # per rank: fingerprint of the indices it trained on
+    rank0_flag: bool  # rank 0's value of `flag`: a decision (e.g. by its clock) every rank must share
+    extra: list[float]  # `extra` summed over ranks (e.g. validation's loss sum, correct, count)
 
 
 class EpochMeter:
@@ -45,6 +59,31 @@ class EpochMeter:
         ])
         loss_sum, correct, count = all_reduce_sum(totals).tolist()
         return loss_sum / count, correct / count
+
+    def end_of_epoch(self, ctx: DistContext, since: int, last_step: int, shard_fingerprint: int,
+                     flag: bool, extra: torch.Tensor | None = None) -> EpochTotals:
+        """`reduce` plus the epoch's other agreements in the same all-reduce: each collective is a round trip
+        (gloo: 0.3 ms median, spikes to 4 ms), several per epoch cost more than a tiny epoch's steps.
+
+        Checks steps from `since` for non-finite values; `last_step` is the global step of the last one.
+        Fingerprints must be below 2**53 to survive float64 exactly. `extra` (sums) is reduced along.
+        """
+        world, rank = ctx.world_size, ctx.rank
+        n_extra = 0 if extra is None else len(extra)
+        sizes = torch.tensor(self.sizes, dtype=torch.float64, device=ctx.device)
+        slots = torch.zeros(3 + 3 * world + n_extra, dtype=torch.float64, device=ctx.device)
+        slots[0] = (torch.stack(self.losses).double() * sizes).sum()
+        slots[1] = torch.stack(self.correct).double().sum()
+        slots[2] = sizes.sum()
+        bad = self.first_nonfinite(since)
+        slots[3 + rank] = 0 if bad < 0 else last_step - len(self) + bad + 1
+        slots[3 + world + rank] = shard_fingerprint
+        slots[3 + 2 * world + rank] = float(flag)
+        if n_extra:
+            slots[3 + 3 * world:] = extra
+        values = all_reduce_sum(slots).tolist()
+        return EpochTotals(values[0] / values[2], values[1] / values[2], values[3:3 + world],
+                           values[3 + world:3 + 2 * world], values[3 + 2 * world] > 0, values[3 + 3 * world:])
 
     def series(self, start: int = 0) -> tuple[list[float], list[float]]:
         """Per-step losses and grad norms from `start`, as Python floats (one transfer)."""

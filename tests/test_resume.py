@@ -60,7 +60,7 @@ def _scalar_steps(run_dir, tag: str) -> list[int]:
 
 @pytest.mark.timeout(120)
 def test_tensorboard_has_no_duplicated_steps_after_a_resume(tmp_path):
-    args = COMMON + ["--epochs", "6", "--keep-checkpoints", "10", "--log-every", "1"]
+    args = COMMON + ["--epochs", "6", "--keep-checkpoints", "10", "--log-every", "1", "--checkpoint-every-epochs", "1"]
     run = run_train(tmp_path, args, name="tb")
     assert run.returncode == 0, run.stderr
     # Pretend the run died after epoch 6 had been logged but before its checkpoint: go back to epoch 4.
