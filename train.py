@@ -26,6 +26,7 @@ from torch.utils.data import DistributedSampler
 from data import build_dataset, fingerprint
 from models import build_model
 from spine import checkpoint as ckpt
+from spine import faults
 from spine.config import Config, parse_config
 from spine.distributed import (
     DistContext,
@@ -144,6 +145,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         tracker["initial_loss"], _ = evaluate(model, data.train_x, data.train_y, ctx, cfg.eval_batch_size)
         # Dropout masks: a different stream per rank, since each rank sees different samples.
         torch.manual_seed(cfg.seed * 1000 + 1 + ctx.rank)
+    faults.install(model, optimizer, global_step)  # SPINE_FAULT=kill|raise|hang|nan (tests only); no-op when unset
 
     logger = RunLogger(run_dir, ctx.is_main, cfg.tensorboard, purge_step=global_step + 1 if resumed else None,
                        keep_epochs=epoch)
@@ -165,6 +167,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     def save(epoch: int, position: int, best: bool = False) -> None:
         """Rank 0 writes; every rank's RNG state goes in, so dropout resumes exactly where it stopped."""
         rng = gather_objects(ckpt.rng_state(), ctx)
+        failure = None
         if ctx.is_main:
             state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -174,19 +177,27 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                 "world_size": ctx.world_size, "dataset_fingerprint": data.fingerprint,
                 "torch_version": str(torch.__version__),
             }
-            ckpt.save_checkpoint(state, ckpt_dir, global_step, cfg.keep_checkpoints, best)
-        barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
+            try:
+                ckpt.save_checkpoint(state, ckpt_dir, global_step, cfg.keep_checkpoints, best)
+            except TrainingError as e:  # disk full, folder gone: every rank must stop, not wait for rank 0
+                failure = str(e)
+        # A collective, so also a barrier: nobody runs ahead (or exits) while rank 0 is still writing.
+        if failure := gather_objects(failure, ctx)[0]:
+            raise TrainingError(failure)
 
     def first_non_finite(since: int) -> str | None:
         """Collective: a NaN on one rank must stop every rank at the same step, or the others hang."""
         losses, norms = meter.series(since)
         finite = [math.isfinite(a) and math.isfinite(g) for a, g in zip(losses, norms, strict=True)]
         bad = finite.index(False) if False in finite else None
-        bad_steps = per_rank_values(0 if bad is None else global_step - len(losses) + bad + 1, ctx)
+        # +0.5 when only the gradient is bad: DDP spreads one rank's NaN to every rank's gradient, so the
+        # rank whose loss went non-finite sorts first and is the one named.
+        here = 0 if bad is None else global_step - len(losses) + bad + 1 + 0.5 * math.isfinite(losses[bad])
+        bad_steps = per_rank_values(here, ctx)
         if not any(bad_steps):
             return None
         first = min(s for s in bad_steps if s)
-        return f"non-finite loss or gradient at step {int(first)} on rank {bad_steps.index(first)}"
+        return f"non-finite {'gradient' if first % 1 else 'loss'} at step {int(first)} on rank {bad_steps.index(first)}"
 
     def safe_to_save(since: int) -> str | None:
         """Why the current weights must not be saved (non-finite anywhere), or None."""
@@ -363,6 +374,8 @@ def _finite_or_none(value):
 
 def _load_resume(cfg: Config, ctx: DistContext, ckpt_dir: Path, run_dir: Path, fingerprint: str, say):
     """The checkpoint to continue from, or None; refuses to silently overwrite an earlier run."""
+    ckpt.ensure_writable(ckpt_dir, "--checkpoints-dir")  # fail now, not at the first save an hour in
+    ckpt.ensure_writable(run_dir, "--runs-dir")
     if cfg.resume == "auto":
         found = ckpt.load_latest(ckpt_dir, say=say)
         if found is None:
@@ -383,6 +396,9 @@ def _load_resume(cfg: Config, ctx: DistContext, ckpt_dir: Path, run_dir: Path, f
                              "--overwrite to replace it, or another --run-name")
     if found:
         ckpt.check_compatible(found[0], cfg.to_dict(), fingerprint, ctx.world_size)
+    if ctx.is_main:  # no writer is alive at start-up: temp files are what a crashed save left behind
+        for leftover in ckpt.clean_temp_files(ckpt_dir):
+            say(f"removed {leftover}, left by a checkpoint write that crashed")
     return found
 
 
