@@ -131,7 +131,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         progress = state["progress"]
         epoch, step_in_epoch = progress["epoch"], progress["step_in_epoch"]
         global_step, elapsed_before = progress["global_step"], progress["elapsed"]
-        meter.load_state_dict(state["meter"], ctx.device)
+        saved_meter = state["meter"]  # one per rank since a mid-epoch resume at world 2 mixed rank 0's into rank 1's
+        meter.load_state_dict(saved_meter[ctx.rank] if isinstance(saved_meter, list) else saved_meter, ctx.device)
         tracker.update(state["tracker"])
         if state["world_size"] == ctx.world_size:
             ckpt.set_rng_state(state["rng"][ctx.rank])  # dropout masks continue where they stopped
@@ -167,13 +168,14 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     def save(epoch: int, position: int, best: bool = False) -> None:
         """Rank 0 writes; every rank's RNG state goes in, so dropout resumes exactly where it stopped."""
         rng = gather_objects(ckpt.rng_state(), ctx)
+        meters = gather_objects(meter.state_dict(), ctx)  # the partial epoch of every rank: its metrics reduce over all
         failure = None
         if ctx.is_main:
             state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "progress": {"epoch": epoch, "step_in_epoch": position, "global_step": global_step,
                              "elapsed": elapsed_before + now() - t_start},
-                "meter": meter.state_dict(), "tracker": tracker, "rng": rng, "config": cfg.to_dict(),
+                "meter": meters, "tracker": tracker, "rng": rng, "config": cfg.to_dict(),
                 "world_size": ctx.world_size, "dataset_fingerprint": data.fingerprint,
                 "torch_version": str(torch.__version__),
             }

@@ -78,6 +78,8 @@ def assert_reproduces(run, ref) -> None:
     assert_same_weights(ref.weights(), run.weights())
     assert run.step_losses() == ref.step_losses()
     assert [m["epoch"] for m in run.metrics] == [1, 2, 3]
+    for key in ("train_loss", "train_acc", "val_loss"):  # epoch metrics reduce every rank's partial epoch
+        assert [m[key] for m in run.metrics] == [m[key] for m in ref.metrics], key
     for tag in ("step/train_loss", "train/loss"):
         steps = [s for s, _ in tensorboard_scalars(run.run_dir, tag)]
         assert len(steps) == len(set(steps)), f"{tag}: duplicated steps {steps}"
