@@ -33,6 +33,10 @@ overfitting: $(STAMP) ## a real overfitting run: val loss turns up; best.pt vs l
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
 	$(PY) launch/break_all.py --out reports/break
 
+.PHONY: faults
+faults: $(STAMP) ## inject every fault for real (kill, hang, torn write, NaN, ...): reports/reliability/faults.md
+	$(PY) launch/faults.py --out reports/reliability
+
 test: $(STAMP) ## the test suite (CPU, gloo, real processes)
 	$(PY) -m pytest -q
 

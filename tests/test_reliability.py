@@ -410,6 +410,30 @@ def test_unwritable_output_folders_are_refused_before_training(tmp_path, capsys)
         assert "not writable" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,flag", [
+    (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+    (["--pg-timeout", "0"], "--pg-timeout"),
+    (["--pg-timeout", "-5"], "--pg-timeout"),
+    (["--checkpoint-every-steps", "-1"], "--checkpoint-every-steps"),
+    (["--checkpoint-every-epochs", "0"], "--checkpoint-every-epochs"),
+    (["--resume", "."], "--resume: no checkpoint file at ."),  # a folder, not a file
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_reliability_flags_are_one_line_exit_2(tmp_path, capsys, args, flag):
+    assert main(["--epochs", "1", "--runs-dir", str(tmp_path / "runs"), "--checkpoints-dir", str(tmp_path / "ck"),
+                 *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error:") and flag in err[0], err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ck").exists()
+
+
+def test_a_weights_only_file_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
+    foreign = tmp_path / "state_dict.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), foreign)  # loads fine with weights_only, but is not ours
+    assert main(["--runs-dir", str(tmp_path / "runs"), "--resume", str(foreign)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"checkpoint {foreign} is not a checkpoint written by train.py" in err[0], err
+
+
 # --- incompatible resumes that only a multi-rank checkpoint can show ------------------------------------------
 
 
