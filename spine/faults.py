@@ -99,6 +99,7 @@ def install(model: torch.nn.Module, optimizer: torch.optim.Optimizer, start_step
     if not any(f.kind in STEP_KINDS or f.kind == "nan" for f in faults):
         return
     done = [start_step]  # optimizer steps completed, counted by the hook below (micro-batches do not count)
+    announced: set[Fault] = set()
 
     def after_optimizer_step(*_) -> None:
         done[0] += 1
@@ -109,9 +110,9 @@ def install(model: torch.nn.Module, optimizer: torch.optim.Optimizer, start_step
     def poison_logits(module: torch.nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor | None:
         for fault in faults:
             if fault.kind == "nan" and module.training and fault.step == done[0] + 1:
-                if not getattr(poison_logits, "announced", False):
+                if fault not in announced:  # once, though every micro-batch of the step is poisoned
                     _announce(fault)
-                    poison_logits.announced = True
+                    announced.add(fault)
                 return output * float("nan")
         return None
 
