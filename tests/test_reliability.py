@@ -463,3 +463,15 @@ def test_readme_reliability_table_names_existing_tests():
         named = re.findall(r"`(test_\w+)`", row)
         assert named, f"row without a test: {row}"
         assert set(named) <= defined, f"{row}: {set(named) - defined} do not exist"
+
+
+@pytest.mark.timeout(300)
+def test_make_faults_script_runs_and_reports_no_data_lost(tmp_path):
+    """A cheap slice of `make faults`, so the script behind the README's closing note cannot rot unnoticed."""
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "faults.py"), "--out", str(tmp_path),
+                           "--only", "leftover-temp", "unwritable"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=280)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = (tmp_path / "faults.md").read_text()
+    assert "**2 faults injected, 2 handled as expected, 0 runs lost data.**" in report
+    assert "| leftover temp file of a crashed write |" in report and "| checkpoint folder cannot be written |" in report
