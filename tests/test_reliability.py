@@ -196,7 +196,7 @@ def launch_ranks(tmp: Path, args: list[str], fault: str, world: int = 2, timeout
     not told to hang; return per rank: exit code, output, and seconds from the fault's announcement to its exit."""
     port = free_port()
     outputs = ["--runs-dir", str(tmp / "runs"), "--checkpoints-dir", str(tmp / "ck"), "--run-name", "run"]
-    procs, fault_time, lines = [], [], {r: [] for r in range(world)}
+    procs, readers, fault_time, lines = [], [], [], {r: [] for r in range(world)}
 
     def read(rank: int, stream) -> None:
         for line in stream:
@@ -210,7 +210,8 @@ def launch_ranks(tmp: Path, args: list[str], fault: str, world: int = 2, timeout
                    SPINE_FAULT=fault, PYTHONUNBUFFERED="1")
         p = subprocess.Popen([sys.executable, TRAIN, *outputs, *args], cwd=tmp, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=read, args=(rank, p.stdout), daemon=True).start()
+        readers.append(threading.Thread(target=read, args=(rank, p.stdout), daemon=True))
+        readers[-1].start()
         procs.append(p)
     hangs = [f.rank for f in faults.parse(fault) if f.kind == "hang"]
     results = {}
@@ -225,7 +226,8 @@ def launch_ranks(tmp: Path, args: list[str], fault: str, world: int = 2, timeout
             if p.poll() is None:
                 p.kill()
             p.wait(timeout=30)
-    time.sleep(0.2)  # let the reader threads drain
+    for reader in readers:  # the pipes are closed once the processes are gone: the readers finish
+        reader.join(timeout=30)
     for rank in results:
         results[rank]["output"] = "".join(lines[rank])
     results["ckpt_dir"] = tmp / "ck" / "run"
