@@ -33,10 +33,6 @@ overfitting: $(STAMP) ## a real overfitting run: val loss turns up; best.pt vs l
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
 	$(PY) launch/break_all.py --out reports/break
 
-.PHONY: faults
-faults: $(STAMP) ## inject every fault for real (kill, hang, torn write, NaN, ...): reports/reliability/faults.md
-	$(PY) launch/faults.py --out reports/reliability
-
 test: $(STAMP) ## the test suite (CPU, gloo, real processes)
 	$(PY) -m pytest -q
 
@@ -45,3 +41,7 @@ lint: $(STAMP) ## ruff
 
 tensorboard: $(STAMP) ## serve runs/ on http://127.0.0.1:6006
 	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 --port 6006
+
+.PHONY: faults
+faults: $(STAMP) ## inject every fault for real (kill, hang, torn write, NaN, ...): reports/reliability/faults.md
+	$(PY) launch/faults.py --out reports/reliability
