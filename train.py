@@ -195,11 +195,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         # +0.5 when only the gradient is bad: DDP spreads one rank's NaN to every rank's gradient, so the
         # rank whose loss went non-finite sorts first and is the one named.
         here = 0 if bad is None else global_step - len(losses) + bad + 1 + 0.5 * math.isfinite(losses[bad])
-        bad_steps = per_rank_values(here, ctx)
-        if not any(bad_steps):
-            return None
-        first = min(s for s in bad_steps if s)
-        return f"non-finite {'gradient' if first % 1 else 'loss'} at step {int(first)} on rank {bad_steps.index(first)}"
+        return _non_finite_message(per_rank_values(here, ctx))
 
     def safe_to_save(since: int) -> str | None:
         """Why the current weights must not be saved (non-finite anywhere), or None."""
@@ -363,6 +359,14 @@ def _log_step(logger: RunLogger, meter: EpochMeter, step: int, lr: float, epoch:
     if console:
         logger.table_row({"epoch": epoch + 1, "step": step, "train_loss": losses[0], "lr": lr,
                           "grad_norm": norms[0], "elapsed": fmt_seconds(elapsed)})
+
+
+def _non_finite_message(bad_steps: list[float]) -> str | None:
+    """The first non-finite step over all ranks (0 = none on that rank, +0.5 = only the gradient), or None."""
+    if not any(bad_steps):
+        return None
+    first = min(s for s in bad_steps if s)
+    return f"non-finite {'gradient' if first % 1 else 'loss'} at step {int(first)} on rank {bad_steps.index(first)}"
 
 
 def _finite_or_none(value):

@@ -262,6 +262,15 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_together_and_saves_nothing
     assert_same_weights(weights_of(ref2.ckpt_dir / "step-00000004.pt"), weights_of(ckpt_dir / "last.pt"))
 
 
+def test_non_finite_message_names_the_rank_whose_loss_went_bad():
+    from train import _non_finite_message
+
+    # Rank 1's loss is NaN at step 7; DDP made rank 0's gradient NaN at the same step (7.5: gradient only).
+    assert _non_finite_message([7.5, 7.0]) == "non-finite loss at step 7 on rank 1"
+    assert _non_finite_message([0, 9.5]) == "non-finite gradient at step 9 on rank 1"
+    assert _non_finite_message([0.0, 0.0]) is None
+
+
 # --- torn, corrupt, hostile checkpoints -----------------------------------------------------------------------
 
 
