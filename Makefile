@@ -54,3 +54,7 @@ lint: $(STAMP) ## ruff
 
 tensorboard: $(STAMP) ## serve runs/ on http://127.0.0.1:6006
 	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 --port 6006
+
+.PHONY: faults
+faults: $(STAMP) ## inject every fault for real (kill, hang, torn write, NaN, ...): reports/reliability/faults.md
+	$(PY) launch/faults.py --out reports/reliability

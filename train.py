@@ -25,6 +25,7 @@ from torch.utils.data import DistributedSampler
 from data import build_dataset, fingerprint
 from models import build_model
 from spine import checkpoint as ckpt
+from spine import faults
 from spine.config import Config, parse_config
 from spine.distributed import (
     DistContext,
@@ -141,7 +142,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         progress = state["progress"]
         epoch, step_in_epoch = progress["epoch"], progress["step_in_epoch"]
         global_step, elapsed_before = progress["global_step"], progress["elapsed"]
-        meter.load_state_dict(state["meter"], ctx.device)
+        saved_meter = state["meter"]  # one per rank since a mid-epoch resume at world 2 mixed rank 0's into rank 1's
+        meter.load_state_dict(saved_meter[ctx.rank] if isinstance(saved_meter, list) else saved_meter, ctx.device)
         tracker.update(state["tracker"])
         if state["world_size"] == ctx.world_size:
             ckpt.set_rng_state(state["rng"][ctx.rank])  # dropout masks continue where they stopped
@@ -155,6 +157,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         tracker["initial_loss"], _ = evaluate(model, data.train_x, data.train_y, ctx, cfg.eval_batch_size)
         # Dropout masks: a different stream per rank, since each rank sees different samples.
         torch.manual_seed(cfg.seed * 1000 + 1 + ctx.rank)
+    faults.install(model, optimizer, global_step)  # SPINE_FAULT=kill|raise|hang|nan (tests only); no-op when unset
 
     logger = RunLogger(run_dir, ctx.is_main, cfg.tensorboard, purge_step=global_step + 1 if resumed else None,
                        keep_epochs=epoch)
@@ -176,26 +179,31 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     def save(epoch: int, position: int, best: bool = False) -> None:
         """Rank 0 writes; every rank's RNG state goes in, so dropout resumes exactly where it stopped."""
         nonlocal last_save
+        logger.flush()  # the logs up to this checkpoint reach the disk before it: a resume from it leaves no gap
         rng = gather_objects(ckpt.rng_state(), ctx)
+        meters = gather_objects(meter.state_dict(), ctx)  # the partial epoch of every rank: its metrics reduce over all
+        failure = None
         if ctx.is_main:
             state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "progress": {"epoch": epoch, "step_in_epoch": position, "global_step": global_step,
                              "elapsed": elapsed_before + now() - t_start},
-                "meter": meter.state_dict(), "tracker": tracker, "rng": rng, "config": cfg.to_dict(),
+                "meter": meters, "tracker": tracker, "rng": rng, "config": cfg.to_dict(),
                 "world_size": ctx.world_size, "dataset_fingerprint": data.fingerprint,
                 "torch_version": str(torch.__version__),
             }
-            ckpt.save_checkpoint(state, ckpt_dir, global_step, cfg.keep_checkpoints, best)
-        barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
+            try:
+                ckpt.save_checkpoint(state, ckpt_dir, global_step, cfg.keep_checkpoints, best)
+            except TrainingError as e:  # disk full, folder gone: every rank must stop, not wait for rank 0
+                failure = str(e)
+        # A collective, so also a barrier: nobody runs ahead (or exits) while rank 0 is still writing.
+        if failure := gather_objects(failure, ctx)[0]:
+            raise TrainingError(failure)
         last_save = now()
 
     def first_non_finite(since: int) -> str | None:
         """Collective: a NaN on one rank must stop every rank at the same step, or the others hang."""
-        losses, norms = meter.series(since)
-        finite = [math.isfinite(a) and math.isfinite(g) for a, g in zip(losses, norms, strict=True)]
-        bad = finite.index(False) if False in finite else None
-        return _non_finite_message(per_rank_values(0 if bad is None else global_step - len(losses) + bad + 1, ctx))
+        return _non_finite_message(per_rank_values(meter.first_bad_step(since, global_step), ctx))
 
     def safe_to_save(since: int) -> str | None:
         """Why the current weights must not be saved (non-finite anywhere), or None."""
@@ -394,11 +402,11 @@ def _log_step(logger: RunLogger, meter: EpochMeter, step: int, lr: float, epoch:
 
 
 def _non_finite_message(bad_steps: list[float]) -> str | None:
-    """The first non-finite step over all ranks (0 = none on that rank), or None."""
+    """The first non-finite step over all ranks (0 = none on that rank, +0.5 = only the gradient), or None."""
     if not any(bad_steps):
         return None
     first = min(s for s in bad_steps if s)
-    return f"non-finite loss or gradient at step {int(first)} on rank {bad_steps.index(first)}"
+    return f"non-finite {'gradient' if first % 1 else 'loss'} at step {int(first)} on rank {bad_steps.index(first)}"
 
 
 def _finite_or_none(value):
@@ -412,6 +420,8 @@ def _finite_or_none(value):
 
 def _load_resume(cfg: Config, ctx: DistContext, ckpt_dir: Path, run_dir: Path, fingerprint: str, say):
     """The checkpoint to continue from, or None; refuses to silently overwrite an earlier run."""
+    ckpt.ensure_writable(ckpt_dir, "--checkpoints-dir")  # fail now, not at the first save an hour in
+    ckpt.ensure_writable(run_dir, "--runs-dir")
     if cfg.resume == "auto":
         found = ckpt.load_latest(ckpt_dir, say=say)
         if found is None:
@@ -432,6 +442,9 @@ def _load_resume(cfg: Config, ctx: DistContext, ckpt_dir: Path, run_dir: Path, f
                              "--overwrite to replace it, or another --run-name")
     if found:
         ckpt.check_compatible(found[0], cfg.to_dict(), fingerprint, ctx.world_size)
+    if ctx.is_main:  # no writer is alive at start-up: temp files are what a crashed save left behind
+        for leftover in ckpt.clean_temp_files(ckpt_dir):
+            say(f"removed {leftover}, left by a checkpoint write that crashed")
     return found
 
 

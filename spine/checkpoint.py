@@ -9,13 +9,15 @@ Layout of <checkpoints-dir>/<run-name>/:
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 from pathlib import Path
 
 import torch
 
-from spine.errors import TrainingError
+from spine import faults
+from spine.errors import TrainingError, UsageError
 
 STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -37,6 +39,7 @@ def save_atomic(obj: dict, path: Path) -> None:
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
+            faults.during_checkpoint_write(f, path)  # SPINE_FAULT tear-checkpoint / disk-full; no-op when unset
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,7 +64,7 @@ def step_files(folder: Path) -> list[Path]:
 
 
 def clean_temp_files(folder: Path) -> list[Path]:
-    """Remove leftovers of writes that crashed half-way."""
+    """Remove leftovers of writes that crashed half-way (call only while no other process writes here)."""
     removed = []
     if folder.is_dir():
         for p in folder.iterdir():
@@ -72,21 +75,44 @@ def clean_temp_files(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(state: dict, folder: Path, global_step: int, keep: int, best: bool = False) -> Path:
-    """Save one step checkpoint, point last.pt at it, prune to the newest `keep`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Save one step checkpoint, point last.pt at it, prune to the newest `keep`.
+
+    A failed write (disk full, folder gone or read-only) raises TrainingError naming the file; the
+    checkpoints written before it are untouched, because nothing is pruned or relinked until the new
+    file is complete.
+    """
     path = folder / f"step-{global_step:08d}.pt"
-    save_atomic(state, path)
-    _link_atomic(path, folder / "last.pt")
-    if best:
-        _link_atomic(path, folder / "best.pt")
-    for old in step_files(folder)[:-keep]:
-        old.unlink(missing_ok=True)
-    _fsync_dir(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_atomic(state, path)
+        _link_atomic(path, folder / "last.pt")
+        if best:
+            _link_atomic(path, folder / "best.pt")
+        for old in step_files(folder)[:-keep]:
+            old.unlink(missing_ok=True)
+        _fsync_dir(folder)
+    except OSError as e:
+        raise TrainingError(f"could not write checkpoint {path}: {e.strerror or e}; "
+                            "the checkpoints saved before it are intact") from None
     return path
 
 
+def ensure_writable(folder: Path, flag: str) -> None:
+    """Refuse an output folder that cannot be created or written, before any training is spent.
+
+    Checks the folder, or its nearest existing ancestor when it does not exist yet, without writing.
+    """
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag}: cannot create {folder}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: {probe} is not writable, so {folder} cannot be written")
+
+
 def load_checkpoint(path: Path) -> dict:
-    """Load with weights_only=True: a file whose unpickling would run code is refused."""
+    """Load with weights_only=True: a file whose unpickling would run code is refused, its code never run."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -95,29 +121,55 @@ def load_checkpoint(path: Path) -> dict:
         raise TrainingError(f"checkpoint {path} is not readable (permission denied)") from None
     except IsADirectoryError:
         raise TrainingError(f"checkpoint {path} is a directory, not a file") from None
-    except Exception as e:  # truncated zip, foreign pickle, refused global: all mean "not ours"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainingError(f"checkpoint {path} is unreadable or not a weights-only checkpoint: {reason}") from None
+    except pickle.UnpicklingError as e:  # a global outside the weights-only allow-list: refused before it runs
+        raise TrainingError(f"checkpoint {path} refused: not a weights-only file ({_weights_only_reason(e)}); "
+                            "the load stopped before any of it could run") from None
+    except Exception as e:  # truncated or damaged zip archive, empty file
+        raise TrainingError(f"checkpoint {path} is corrupt or truncated: {_first_sentence(e)}") from None
     if not isinstance(state, dict) or "model" not in state or "progress" not in state:
         raise TrainingError(f"checkpoint {path} is not a checkpoint written by train.py")
     return state
 
 
-def load_latest(folder: Path, say=print) -> tuple[dict, Path] | None:
-    """The newest checkpoint that loads, newest first: last.pt, then step files.
+def _first_sentence(error: Exception | str) -> str:
+    """torch's loader errors run to paragraphs; the first sentence names the problem."""
+    text = " ".join(str(error).split())
+    if not text:
+        return f"{type(error).__name__} (empty or cut-off file)"
+    return text.split(". ")[0].rstrip(".")
 
-    A corrupt newest file is reported and skipped, so one torn or damaged
-    file costs the steps since the previous save, not the run.
+
+def _weights_only_reason(error: Exception) -> str:
+    _, found, detail = str(error).partition("WeightsUnpickler error:")
+    lines = [line for line in detail.splitlines() if line.strip()]
+    return _first_sentence(lines[0]) if found and lines else "content outside the weights-only allow-list"
+
+
+def load_latest(folder: Path, say=print) -> tuple[dict, Path] | None:
+    """The newest complete checkpoint that loads, or None when the folder holds none.
+
+    last.pt is read first, except when a crash between the rename of a new step file and the relink
+    left that step file newer than last.pt. A corrupt file is reported and skipped, so one torn or
+    damaged file costs the steps since the previous save, not the run; when checkpoints exist but
+    none loads, that is an error (starting fresh would overwrite them).
     """
-    candidates = []
-    if (folder / "last.pt").exists():
-        candidates.append(folder / "last.pt")
-    candidates += list(reversed(step_files(folder)))
+    steps = list(reversed(step_files(folder)))
+    last = folder / "last.pt"
+    candidates = steps
+    if last.exists():
+        same = [p for p in steps if os.path.samefile(p, last)]
+        newer = steps[:steps.index(same[0])] if same else []
+        candidates = newer + [last] + [p for p in steps if p not in newer and p not in same]
+    tried = []
     for path in candidates:
         try:
             return load_checkpoint(path), path
         except TrainingError as e:
+            tried.append(path.name)
             say(f"warning: {e}; falling back to an older checkpoint")
+    if tried:
+        raise TrainingError(f"no readable checkpoint in {folder} (tried {', '.join(tried)}); "
+                            "move the folder away to start fresh, or pass --resume PATH")
     return None
 
 
@@ -152,8 +204,6 @@ MUST_MATCH = (
 
 def check_compatible(state: dict, config: dict, fingerprint: str, world_size: int) -> None:
     """Refuse a checkpoint from another model, dataset or batch layout, naming what differs."""
-    from spine.errors import UsageError
-
     saved = state["config"]
     for key in MUST_MATCH:
         if saved.get(key) != config.get(key):

@@ -49,6 +49,15 @@ class EpochMeter:
         bad = (~torch.isfinite(values)).any(0).nonzero()
         return start + int(bad[0]) if len(bad) else -1
 
+    def first_bad_step(self, since: int, last_step: int) -> float:
+        """Global step of the first non-finite step from `since` (0 = none), where `last_step` is the global step
+        of the last one; +0.5 when only its gradient is bad: DDP spreads one rank's NaN into every rank's
+        gradient, so the rank whose *loss* went bad sorts first and is the one named."""
+        bad = self.first_nonfinite(since)
+        if bad < 0:
+            return 0.0
+        return last_step - len(self) + bad + 1 + 0.5 * bool(torch.isfinite(self.losses[bad]))
+
     def reduce(self, ctx: DistContext) -> tuple[float, float]:
         """Global mean loss and accuracy of the epoch: sums and counts over all ranks, then one division."""
         sizes = torch.tensor(self.sizes, dtype=torch.float64, device=ctx.device)
@@ -75,8 +84,7 @@ class EpochMeter:
         slots[0] = (torch.stack(self.losses).double() * sizes).sum()
         slots[1] = torch.stack(self.correct).double().sum()
         slots[2] = sizes.sum()
-        bad = self.first_nonfinite(since)
-        slots[3 + rank] = 0 if bad < 0 else last_step - len(self) + bad + 1
+        slots[3 + rank] = self.first_bad_step(since, last_step)
         slots[3 + world + rank] = shard_fingerprint
         slots[3 + 2 * world + rank] = float(flag)
         if n_extra:

@@ -42,13 +42,13 @@ class Result:
 
 
 def run_train(tmp: Path, args: list[str], world: int = 1, name: str = "run", timeout: float = 120,
-              extra_env: dict | None = None) -> Result:
-    """Run train.py with outputs under `tmp`; world > 1 goes through torchrun --standalone."""
+              extra_env: dict | None = None, torchrun_args: list[str] = ()) -> Result:
+    """Run train.py with outputs under `tmp`; world > 1 goes through torchrun --standalone (plus `torchrun_args`)."""
     outputs = ["--runs-dir", str(tmp / "runs"), "--checkpoints-dir", str(tmp / "checkpoints"), "--run-name", name]
     if world == 1:
         cmd = [sys.executable, TRAIN]
     else:
-        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={world}", TRAIN]
+        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={world}", *torchrun_args, TRAIN]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(cmd + outputs + args, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
