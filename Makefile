@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-seeds overfit-study overfitting break scale bench report test lint tensorboard
+.PHONY: help overfit overfit-seeds overfit-study overfitting break faults scale bench report test lint tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ overfitting: $(STAMP) ## a real overfitting run: val loss turns up; best.pt vs l
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
 	$(PY) launch/break_all.py --out reports/break
 
+faults: $(STAMP) ## inject every fault for real (kill, hang, torn write, NaN, ...): reports/reliability/faults.md
+	$(PY) launch/faults.py --out reports/reliability
+
 SCALE ?= default
 scale: $(STAMP) ## data size, batch (lr fixed/scaled), world size, accumulation x 3 seeds: CSV, table, PNGs (reports/scale); SCALE=large
 	$(PY) launch/scale.py --out reports/scale --size $(SCALE)
@@ -45,7 +48,7 @@ report: $(STAMP) ## rerun what the write-ups cite but is missing (FORCE=1: all o
 bench: $(STAMP) ## train.py's loop vs bare, tutorial and bare-DDP loops, side by side (reports/bench/bench.md)
 	$(PY) launch/bench.py --out reports/bench
 
-test: $(STAMP) ## the test suite (CPU, gloo, real processes)
+test: $(STAMP) ## ruff, then the test suite (CPU, gloo, real processes)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -54,7 +57,3 @@ lint: $(STAMP) ## ruff
 
 tensorboard: $(STAMP) ## serve runs/ on http://127.0.0.1:6006
 	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 --port 6006
-
-.PHONY: faults
-faults: $(STAMP) ## inject every fault for real (kill, hang, torn write, NaN, ...): reports/reliability/faults.md
-	$(PY) launch/faults.py --out reports/reliability
