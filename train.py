@@ -224,7 +224,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), dtype=torch.long, device=ctx.device)
         if bug != "no-train-mode":
-            model.train()  # dropout on, BatchNorm uses (and updates) batch statistics; evaluate() switched it off
+            model.train()  # dropout on, BatchNorm uses (and updates) batch statistics; validation switched it off
         trained_in_train_mode = model.training
         t_epoch = now()
         for position in range(step_in_epoch, steps_per_epoch):
@@ -273,7 +273,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         if diverged:
             break
         epoch_seconds = now() - t_epoch
-        broadcast_buffers(model)
+        broadcast_buffers(model)  # each rank's last step updated BatchNorm's running stats from its own shard
         val_sums = validation_sums(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size, bug)
         validated_in_eval_mode = not model.training
         # One all-reduce for all the ranks must agree on after an epoch (each collective is a round trip):
