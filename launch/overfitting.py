@@ -76,8 +76,7 @@ def main() -> int:
         lines.append(f"| {label} | {epoch} | {e['train_loss']:.3g} | {e['train_acc']:.1%} | {e['val_loss']:.3g} "
                      f"| {e['val_acc']:.1%} | {t_loss:.3g} | {t_acc:.1%} |")
     low = m[best_epoch - 1]
-    doubled = next(e for e in range(best_epoch, len(val) + 1) if val[e - 1] >= 2 * low["val_loss"]) \
-        if max(val) >= 2 * low["val_loss"] else None
+    doubled = next((e for e in range(best_epoch, len(val) + 1) if val[e - 1] >= 2 * low["val_loss"]), None)
     memorised = next((e["epoch"] for e in m if e["train_acc"] == 1.0), None)
     lines += ["", f"Validation loss bottoms out at epoch {best_epoch}, step {low['step']} ({low['val_loss']:.3g}), "
               f"and ends at {val[-1]:.3g} ({val[-1] / low['val_loss']:.1f}x); "

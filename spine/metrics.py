@@ -58,21 +58,11 @@ class EpochMeter:
             return 0.0
         return last_step - len(self) + bad + 1 + 0.5 * bool(torch.isfinite(self.losses[bad]))
 
-    def reduce(self, ctx: DistContext) -> tuple[float, float]:
-        """Global mean loss and accuracy of the epoch: sums and counts over all ranks, then one division."""
-        sizes = torch.tensor(self.sizes, dtype=torch.float64, device=ctx.device)
-        totals = torch.stack([
-            (torch.stack(self.losses).double() * sizes).sum(),
-            torch.stack(self.correct).double().sum(),
-            sizes.sum(),
-        ])
-        loss_sum, correct, count = all_reduce_sum(totals).tolist()
-        return loss_sum / count, correct / count
-
     def end_of_epoch(self, ctx: DistContext, since: int, last_step: int, shard_fingerprint: int,
                      flag: bool, extra: torch.Tensor | None = None) -> EpochTotals:
-        """`reduce` plus the epoch's other agreements in the same all-reduce: each collective is a round trip
-        (gloo: 0.3 ms median, spikes to 4 ms), several per epoch cost more than a tiny epoch's steps.
+        """The epoch's global train loss and accuracy (sums and counts over ranks, then one division) and every
+        other end-of-epoch agreement, in one all-reduce: each collective is a round trip (about 0.4 ms on gloo
+        here, `make scale`'s probe), and several per epoch cost more than a tiny epoch's steps.
 
         Checks steps from `since` for non-finite values; `last_step` is the global step of the last one.
         Fingerprints must be below 2**53 to survive float64 exactly. `extra` (sums) is reduced along.
