@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-seeds overfit-study overfitting break faults scale bench report test lint tensorboard
+.PHONY: help overfit overfit-checkpoint overfit-seeds overfit-study overfitting break faults scale bench report test lint tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -23,30 +23,33 @@ $(STAMP):
 overfit: $(STAMP) ## the main job: overfit the 200-sample moons set, save checkpoints/overfit/
 	$(PY) train.py --run-name overfit --overwrite --print-every 10
 
+overfit-checkpoint: overfit ## refresh the committed checkpoint, checkpoints/overfit.pt, from make overfit's last.pt
+	cp checkpoints/overfit/last.pt checkpoints/overfit.pt
+
 overfit-seeds: $(STAMP) ## seeds 0-9 with the default recipe: epochs/steps to 100% acc and loss <= 1e-3
-	$(PY) launch/overfit_seeds.py --out reports/overfit
+	$(PY) -m launch.overfit_seeds --out reports/overfit
 
 overfit-study: $(STAMP) ## one-at-a-time study of lr, width, depth, batch, optimizer, data (table + PNGs)
-	$(PY) launch/overfit_study.py --out reports/overfit
+	$(PY) -m launch.overfit_study --out reports/overfit
 
 overfitting: $(STAMP) ## a real overfitting run: val loss turns up; best.pt vs last.pt on fresh data (reports/overfitting)
-	$(PY) launch/overfitting.py --out reports/overfitting
+	$(PY) -m launch.overfitting --out reports/overfitting
 
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
-	$(PY) launch/break_all.py --out reports/break
+	$(PY) -m launch.break_all --out reports/break
 
 faults: $(STAMP) ## inject every fault for real (kill, hang, torn write, NaN, ...): reports/reliability/faults.md
-	$(PY) launch/faults.py --out reports/reliability
+	$(PY) -m launch.faults --out reports/reliability
 
 SCALE ?= default
 scale: $(STAMP) ## data size, batch (lr fixed/scaled), world size, accumulation x 3 seeds: CSV, table, PNGs (reports/scale); SCALE=large
-	$(PY) launch/scale.py --out reports/scale --size $(SCALE)
+	$(PY) -m launch.scale --out reports/scale --size $(SCALE)
 
 report: $(STAMP) ## rerun what the write-ups cite but is missing (FORCE=1: all of it), refill their tables
-	$(PY) launch/report.py $(if $(FORCE),--force)
+	$(PY) -m launch.report $(if $(FORCE),--force)
 
 bench: $(STAMP) ## train.py's loop vs bare, tutorial and bare-DDP loops, side by side (reports/bench/bench.md)
-	$(PY) launch/bench.py --out reports/bench
+	$(PY) -m launch.bench --out reports/bench
 
 test: $(STAMP) ## ruff, then the test suite (CPU, gloo, real processes)
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,6 @@
 """`make bench`: train.py's loop next to a bare loop, a tutorial loop and bare DDP, in one table.
 
-    python launch/bench.py [--out reports/bench] [--repeats 5]
+    python -m launch.bench [--out reports/bench] [--repeats 5]
 
 Every pair is measured side by side: the loops of one model size run in one process (world 1) or one
 torchrun group (world 2), interleaved repeat after repeat (launch/bench_worker.py); the table shows
@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from launch.bench_table import Sizes, build_table
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from launch.bench_table import Sizes, build_table  # noqa: E402
-
-WORKER = str(ROOT / "launch" / "bench_worker.py")
+WORKER = ["-m", "launch.bench_worker"]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # A process that imports torch and takes one Adam step: what any training run pays before its first epoch.
 FLOOR = ("import torch; m = torch.nn.Linear(2, 2); o = torch.optim.Adam(m.parameters()); "
@@ -67,9 +66,9 @@ def run_workers(sizes: Sizes, repeats: int, results: Path) -> None:
                   "--repeats", str(repeats)]
         kinds = "bare,tutorial,train.py,train.py quiet" + (",bare default threads" if label == sizes[0][0] else "")
         print(f"bench: world 1, {label} MLP {hidden}: {kinds}", flush=True)
-        subprocess.run([sys.executable, WORKER, *common, "--kinds", kinds], check=True, cwd=ROOT, env=env)
+        subprocess.run([sys.executable, *WORKER, *common, "--kinds", kinds], check=True, cwd=ROOT, env=env)
         print(f"bench: world 2 (gloo), {label} MLP {hidden}: bare DDP, train.py", flush=True)
-        subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", WORKER, *common, "--kinds", "bare,train.py",
+        subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", *WORKER, *common, "--kinds", "bare,train.py",
                         "--threads", "0"], check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
 
 
@@ -109,7 +108,7 @@ def write_profiles(path: Path) -> None:
                 "overlap (save contains save_checkpoint; the non-finite checks contain per_rank_values). "
                 "cProfile's own overhead inflates the many small calls of the step loop.", ""]
     for title, flags in PROFILES:
-        out = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_profile.py"), "--title", title,
+        out = subprocess.run([sys.executable, "-m", "launch.bench_profile", "--title", title,
                               "--run-name", "profile", *flags], check=True, cwd=ROOT, capture_output=True, text=True)
         sections += [out.stdout.strip(), ""]
     path.write_text("\n".join(sections))
@@ -151,7 +150,7 @@ def main() -> int:
 
     rows = [json.loads(line) for line in results.read_text().splitlines() if line]
     info = machine()
-    command = "make bench  (" + " ".join(["python", "launch/bench.py", *sys.argv[1:]]) + ")"
+    command = "make bench  (" + " ".join(["python", "-m", "launch.bench", *sys.argv[1:]]) + ")"
     header = [
         f"Machine: {info['cores']} cores ({info['cpu']}), {info['gpu']}; torch {info['torch']}, "
         f"Python {info['python']}.",

@@ -1,6 +1,6 @@
 """Where train.py's epoch time goes: cProfile of one in-process world-1 run, grouped by the loop's phases.
 
-    python launch/bench_profile.py [--hidden 64,64] [--epochs 100] [--threads 1] [train.py flags...]
+    python -m launch.bench_profile [--hidden 64,64] [--epochs 100] [--threads 1] [train.py flags...]
 
 Prints a markdown table (phase, seconds, % of the epoch loop) and the top functions by own time.
 """
@@ -16,14 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+import train as train_py
+from spine.config import parse_config
+from spine.distributed import distributed_session
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-import train as train_py  # noqa: E402
-from spine.config import parse_config  # noqa: E402
-from spine.distributed import distributed_session  # noqa: E402
 
 # (phase, function that is that phase's entry point: file suffix, function name). Cumulative times.
 PHASES = [

@@ -1,6 +1,6 @@
 """One benchmark process (world 1) or rank (world 2 under torchrun): interleaved timed runs of each loop.
 
-    python launch/bench_worker.py --out results.jsonl --hidden 64,64 --epochs 100 --repeats 5
+    python -m launch.bench_worker --out results.jsonl --hidden 64,64 --epochs 100 --repeats 5
     torchrun --standalone --nproc_per_node=2 launch/bench_worker.py --out ... (bare DDP vs train.py)
 
 Every loop runs in this same process, one after the other, repeat after repeat (the order rotates each
@@ -24,18 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import train as train_py
+from launch.bench_loops import bare_loop, build_problem, tutorial_loop
+from spine import checkpoint as ckpt
+from spine.config import parse_config
+from spine.distributed import DistContext, barrier, default_threads, distributed_session, launch_env
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import psutil  # noqa: E402
-import torch  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-
-import train as train_py  # noqa: E402
-from launch.bench_loops import bare_loop, build_problem, tutorial_loop  # noqa: E402
-from spine import checkpoint as ckpt  # noqa: E402
-from spine.config import parse_config  # noqa: E402
-from spine.distributed import DistContext, barrier, default_threads, distributed_session, launch_env  # noqa: E402
 
 # train.py with its TensorBoard, per-step logging and console lines switched off: the bookkeeping baseline.
 QUIET = ["--no-tensorboard", "--log-every", "1000000000", "--print-every", "1000000000"]

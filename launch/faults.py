@@ -1,6 +1,6 @@
 """make faults: inject every fault for real and check that nothing saved is ever lost.
 
-    python launch/faults.py [--out reports/reliability] [--only NAME ...] [--repeat N]
+    python -m launch.faults [--out reports/reliability] [--only NAME ...] [--repeat N]
 
 Each fault runs train.py for real (torchrun with 2 gloo ranks, or one process) with SPINE_FAULT
 (spine/faults.py) or a damaged file, then checks the outcome against an uninterrupted run of the same
@@ -15,27 +15,21 @@ from __future__ import annotations
 import argparse
 import builtins
 import json
-import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from launch.runner import ROOT, TORCHRUN, RunRecord, command, outputs, run
+from spine.checkpoint import load_checkpoint, step_files
+from spine.errors import TrainingError
+from spine.logger import read_run
 
-from spine.checkpoint import load_checkpoint, step_files  # noqa: E402
-from spine.errors import TrainingError  # noqa: E402
-
-PYTHON = sys.executable
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-TRAIN = str(ROOT / "train.py")
 # 10 steps per epoch at world 2 (8 per rank) and at world 1 (16): 30 steps; checkpoints every 4 steps and at
 # each epoch end. Dropout and BatchNorm make an exact resume depend on restored RNG streams and statistics.
 RECIPE = ["--n-samples", "200", "--epochs", "3", "--dropout", "0.1", "--batchnorm", "--seed", "3", "--threads", "1",
@@ -55,6 +49,7 @@ class Outcome:
     seconds: float
     command: str
     detail: str = ""
+    record: RunRecord | None = field(default=None, repr=False)  # the last run, for the tests' own checks
 
 
 class Bench:
@@ -64,31 +59,31 @@ class Bench:
         self.scratch = scratch
         self.refs: dict[int, Path] = {}
 
-    def command(self, name: str, world: int, torchrun: list[str] = (), extra: list[str] = ()) -> list[str]:
-        batch = ["--batch-size", "8" if world == 2 else "16"]
-        outputs = ["--runs-dir", "runs", "--checkpoints-dir", "checkpoints", "--run-name", name]
-        launcher = [TORCHRUN, "--standalone", "--nproc_per_node=2", *torchrun] if world == 2 else [PYTHON]
-        return [*launcher, TRAIN, *RECIPE, *batch, *outputs, *extra]
+    def args(self, world: int, extra: list[str] = ()) -> list[str]:
+        return [*RECIPE, "--batch-size", "8" if world == 2 else "16", *extra]
 
-    def run(self, cmd: list[str], fault: str = "") -> subprocess.CompletedProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("SPINE_FAULT", None)
-        if fault:
-            env["SPINE_FAULT"] = fault
-        return subprocess.run(cmd, cwd=self.scratch, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    def run(self, name: str, world: int, torchrun: list[str] = (), extra: list[str] = (),
+            fault: str = "") -> RunRecord:
+        """The command for `name`: world 1 without a fault in this process, anything else as real processes (a
+        SIGKILL must not reach the caller)."""
+        return run(self.args(world, extra), self.scratch, name, world, in_process=world == 1 and not fault,
+                   torchrun_args=tuple(torchrun), env={"SPINE_FAULT": fault}, cwd=self.scratch, timeout=TIMEOUT)
+
+    def command(self, name: str, world: int, torchrun: list[str] = (), extra: list[str] = ()) -> list[str]:
+        return command(self.args(world, extra) + outputs(self.scratch, name), world, tuple(torchrun))
 
     def reference(self, world: int) -> Path:
         if world not in self.refs:
             name = f"reference-world{world}"
-            proc = self.run(self.command(name, world))
-            if proc.returncode:
-                raise SystemExit(f"the uninterrupted world-{world} run failed:\n{proc.stderr[-3000:]}")
-            self.refs[world] = self.scratch / "checkpoints" / name
+            ref = self.run(name, world)
+            if ref.returncode:
+                raise SystemExit(f"the uninterrupted world-{world} run failed:\n{ref.stderr[-3000:]}")
+            self.refs[world] = ref.ckpt_dir
         return self.refs[world]
 
     def lost(self, name: str, world: int, finished: bool) -> tuple[int, list[str]]:
-        """Checkpoints of `name` that do not load or differ from the reference's same step, plus the final
-        weights and per-step losses when the run finished: each mismatch counts as data lost."""
+        """Checkpoints of `name` that do not load or differ from the reference's same step, plus (when the run
+        finished) final weights, per-step losses or TensorBoard steps that differ: each mismatch is data lost."""
         ref, folder, problems = self.reference(world), self.scratch / "checkpoints" / name, []
         for path in step_files(folder) + [folder / "last.pt"]:
             if not path.exists():
@@ -106,8 +101,12 @@ class Bench:
             final, reference = load_checkpoint(folder / "last.pt"), load_checkpoint(ref / "last.pt")
             if not same_weights(final["model"], reference["model"]):
                 problems.append("final weights differ from the uninterrupted run")
-            if step_losses(self.scratch / "runs" / name) != step_losses(self.scratch / "runs" / ref.name):
+            runs = self.scratch / "runs"
+            if step_losses(runs / name) != step_losses(runs / ref.name):
                 problems.append("per-step losses differ from the uninterrupted run")
+            for tag in ("step/train_loss", "train/loss"):
+                if tensorboard_scalars(runs / name, tag) != tensorboard_scalars(runs / ref.name, tag):
+                    problems.append(f"TensorBoard's {tag} differs from the uninterrupted run (or repeats a step)")
         return len(problems), problems
 
 
@@ -116,13 +115,21 @@ def same_weights(a: dict, b: dict) -> bool:
 
 
 def step_losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [loss for line in lines if line for loss in json.loads(line)["step_losses"]]
+    return [loss for row in read_run(run_dir)[1] for loss in row["step_losses"]]
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar series as TensorBoard reads it (a resumed run's purged steps left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def shown(cmd: list[str], fault: str = "") -> str:
-    text = " ".join(shlex.quote(c) for c in cmd).replace(str(ROOT) + "/", "").replace(sys.executable, "python")
-    text = text.replace(TORCHRUN, "torchrun").replace(str(Path(sys.executable).parent) + "/", "")
+    text = " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python").replace(TORCHRUN, "torchrun")
+    text = text.replace(str(ROOT) + "/", "")
     return (f"SPINE_FAULT={fault} " if fault else "") + text
 
 
@@ -139,9 +146,9 @@ def restarts(stderr: str) -> int:
 
 def elastic(bench: Bench, name: str, fault: str, max_restarts: int, expect_resumes: list[int], what: str) -> Outcome:
     """A fault under torchrun with restarts: the job must finish exactly like the uninterrupted run."""
-    cmd = bench.command(name, 2, [f"--max-restarts={max_restarts}"])
+    torchrun = [f"--max-restarts={max_restarts}"]
     t = time.perf_counter()
-    proc = bench.run(cmd, fault)
+    proc = bench.run(name, 2, torchrun, fault=fault)
     seconds = time.perf_counter() - t
     finished = proc.returncode == 0
     lost, problems = bench.lost(name, 2, finished)
@@ -151,18 +158,17 @@ def elastic(bench: Bench, name: str, fault: str, max_restarts: int, expect_resum
                 "bit-identical to the uninterrupted run") if finished else f"no: exit {proc.returncode}"
     detail = "; ".join(problems) or ("" if ok else proc.stderr[-400:])
     return Outcome(what, f"`SPINE_FAULT={fault}`", f"restart, resume at {expect_resumes}", survived, lost, ok,
-                   seconds, shown(cmd, fault), detail)
+                   seconds, shown(bench.command(name, 2, torchrun), fault), detail, proc)
 
 
 def exhausted(bench: Bench) -> Outcome:
-    name, fault = "exhausted", "raise:rank=1:step=9"
-    cmd = bench.command(name, 2, ["--max-restarts=0"])
+    name, fault, torchrun = "exhausted", "raise:rank=1:step=9", ["--max-restarts=0"]
     t = time.perf_counter()
-    proc = bench.run(cmd, fault)
+    proc = bench.run(name, 2, torchrun, fault=fault)
     root = proc.stderr[proc.stderr.find("Root Cause"):]
     named = bool(re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root)) and "InjectedFault" in root
     lost_before, problems = bench.lost(name, 2, finished=False)
-    again = bench.run(cmd)  # the same command once the cause is gone
+    again = bench.run(name, 2, torchrun)  # the same command once the cause is gone
     seconds = time.perf_counter() - t
     lost, more = bench.lost(name, 2, finished=again.returncode == 0)
     ok = proc.returncode != 0 and named and again.returncode == 0 and resumes(again.stdout) == [8] and lost == 0
@@ -170,14 +176,13 @@ def exhausted(bench: Bench) -> Outcome:
                    "exit non-zero, summary names rank 1 with its traceback, last.pt intact",
                    f"stopped (exit {proc.returncode}, root cause rank 1 with traceback: {'yes' if named else 'NO'}); "
                    f"the same command again resumed at step 8 and finished bit-identical", lost + lost_before, ok,
-                   seconds, shown(cmd, fault), "; ".join(problems + more))
+                   seconds, shown(bench.command(name, 2, torchrun), fault), "; ".join(problems + more), proc)
 
 
 def nan_one_rank(bench: Bench) -> Outcome:
-    name, fault = "nan", "nan:rank=1:step=7"
-    cmd = bench.command(name, 2, ["--max-restarts=0"], ["--log-every", "100"])
+    name, fault, torchrun, extra = "nan", "nan:rank=1:step=7", ["--max-restarts=0"], ["--log-every", "100"]
     t = time.perf_counter()
-    proc = bench.run(cmd, fault)
+    proc = bench.run(name, 2, torchrun, extra, fault=fault)
     seconds = time.perf_counter() - t
     codes = re.findall(r"exitcode\s+:\s*(-?\d+) \(pid", proc.stderr)
     message = "stopped: non-finite loss at step 7 on rank 1" in proc.stdout
@@ -187,13 +192,14 @@ def nan_one_rank(bench: Bench) -> Outcome:
     return Outcome("NaN loss on rank 1 only", f"`SPINE_FAULT={fault}`", "every rank stops (exit 3), named step "
                    "and rank, no checkpoint after the NaN", f"stopped as designed (exit codes {', '.join(codes)}); "
                    f"message names step 7, rank 1: {'yes' if message else 'NO'}; checkpoints left: {', '.join(kept)}",
-                   lost, ok, seconds, shown(cmd, fault), "; ".join(problems))
+                   lost, ok, seconds, shown(bench.command(name, 2, torchrun, extra), fault), "; ".join(problems), proc)
 
 
-def hostile_file() -> object:
+def hostile_file(marker: Path) -> object:
+    """An object whose unpickling calls open(marker, "w"): code execution with a visible side effect."""
     class CreatesAFile:
         def __reduce__(self):
-            return builtins.open, ("PWNED", "w")
+            return builtins.open, (str(marker), "w")
 
     return CreatesAFile()
 
@@ -205,8 +211,7 @@ def damaged(bench: Bench, what: str, damage: str) -> Outcome:
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(bench.scratch / "runs" / name, ignore_errors=True)
     ref = bench.reference(1)
-    cut = ["--epochs", "2"]
-    first = bench.run(bench.command(name, 1, extra=cut))  # 2 of the 3 epochs: checkpoints 4, 8, 10, 12, 16, 20
+    first = bench.run(name, 1, extra=["--epochs", "2"])  # 2 of the 3 epochs: checkpoints 4, 8, 10, 12, 16, 20
     newest = step_files(folder)[-1]
     injected = ""
     if damage == "truncate":
@@ -215,14 +220,13 @@ def damaged(bench: Bench, what: str, damage: str) -> Outcome:
         injected = "newest checkpoint cut to half its size (`last.pt` and its step file: one inode)"
     elif damage == "hostile":
         (folder / "last.pt").unlink()
-        torch.save({"model": hostile_file(), "progress": {}}, folder / "last.pt")
+        torch.save({"model": hostile_file(bench.scratch / "PWNED"), "progress": {}}, folder / "last.pt")
         injected = "`last.pt` replaced by a pickle whose loading would create the file PWNED"
     elif damage == "temp":
         (folder / ".step-00000024.pt.tmp-99999").write_bytes(b"half a checkpoint")
         injected = "a crashed write's temp file left in the folder"
-    cmd = bench.command(name, 1)
     t = time.perf_counter()
-    proc = bench.run(cmd)
+    proc = bench.run(name, 1)
     seconds = time.perf_counter() - t
     lost, problems = 0, []
     if proc.returncode == 0:
@@ -243,19 +247,21 @@ def damaged(bench: Bench, what: str, damage: str) -> Outcome:
     if damage == "temp":
         survived += "; temp file removed"
     return Outcome(what, injected, "said so, fell back / cleaned up, finished", survived if proc.returncode == 0
-                   else f"no: exit {proc.returncode}", lost, ok, seconds, shown(cmd), "; ".join(problems))
+                   else f"no: exit {proc.returncode}", lost, ok, seconds, shown(bench.command(name, 1)),
+                   "; ".join(problems), proc)
 
 
 def unwritable(bench: Bench) -> Outcome:
-    (bench.scratch / "a-file").write_text("in the way")
-    cmd = [PYTHON, TRAIN, "--runs-dir", "runs", "--checkpoints-dir", "a-file/checkpoints", "--run-name", "unwritable"]
+    blocker = bench.scratch / "a-file"
+    blocker.write_text("in the way")
     t = time.perf_counter()
-    proc = bench.run(cmd)
+    proc = run([], blocker, "unwritable", in_process=False, cwd=bench.scratch)  # outputs under a regular file
     seconds = time.perf_counter() - t
     ok = proc.returncode == 2 and "--checkpoints-dir: cannot create" in proc.stderr
     return Outcome("checkpoint folder cannot be written", "`--checkpoints-dir` under a regular file",
                    "one-line error before training, exit 2", f"refused before training (exit {proc.returncode}): "
-                   f"{proc.stderr.strip()[:120]}", 0, ok, seconds, shown(cmd))
+                   f"{proc.stderr.strip()[:120]}", 0, ok, seconds, shown(command(outputs(blocker, "unwritable"))),
+                   record=proc)
 
 
 def scenarios(repeat: int) -> dict:
@@ -293,7 +299,8 @@ def write_report(out: Path, outcomes: list[Outcome]) -> str:
     lines = [
         "# Faults injected for real (`make faults`)",
         "",
-        "Generated by `launch/faults.py`. Each row ran train.py for real (torchrun, 2 gloo ranks on CPU, or one "
+        "Generated by `python -m launch.faults` (`make faults`). Each row ran train.py for real (torchrun, 2 gloo "
+        "ranks on CPU, or one "
         "process) and compared what was left against an uninterrupted run of the same command. *Data lost* counts "
         "checkpoints that no longer load or differ from the uninterrupted run's file of the same step, and, for "
         "runs that finished, final weights or per-step losses that differ. Work since the last checkpoint is "
@@ -313,7 +320,8 @@ def write_report(out: Path, outcomes: list[Outcome]) -> str:
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "faults.md").write_text(text)
-    (out / "faults.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
+    (out / "faults.json").write_text(json.dumps([{k: v for k, v in asdict(o).items() if k != "record"}
+                                                     for o in outcomes], indent=2) + "\n")
     return text
 
 

@@ -1,6 +1,6 @@
 """Overfit the default dataset with seeds 0-9 and tabulate how long each took.
 
-    python launch/overfit_seeds.py [--out reports/overfit] [--seeds 10] [extra train.py flags...]
+    python -m launch.overfit_seeds [--out reports/overfit] [--seeds 10] [extra train.py flags...]
 
 Exit code 1 if any seed misses 100% train accuracy or the loss target: "reliably" is a claim we check.
 """
@@ -8,19 +8,18 @@ Exit code 1 if any seed misses 100% train accuracy or the loss target: "reliably
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from spine.experiment import min_median_max, run_in_process  # noqa: E402
+from launch.runner import run
 
 
 def seed_table(out: Path, seeds: int, extra: list[str]) -> tuple[str, bool]:
     rows, ok = [], True
     for seed in range(seeds):
         flags = ["--seed", str(seed), "--no-tensorboard", "--print-every", "1000", "--checkpoint-every-epochs", "1000"]
-        r = run_in_process(flags + extra, out, f"seed{seed}")
+        r = run(flags + extra, out, f"seed{seed}", overwrite=True)
         s = r.summary
         reached = r.returncode == 0 and s["epochs_to_100_train_acc"] and s["epochs_to_target_loss"]
         ok = ok and bool(reached)
@@ -36,7 +35,7 @@ def seed_table(out: Path, seeds: int, extra: list[str]) -> tuple[str, bool]:
                        ("steps to loss ≤ 1e-3", 4)):
         values = [row[col] for row in rows if row[col] is not None]
         if values:
-            lo, med, hi = min_median_max(values)
+            lo, med, hi = min(values), statistics.median(values), max(values)
             lines.append(f"- {label}: min {lo}, median {med:g}, max {hi}")
     lines.append(f"\n{sum(1 for row in rows if row[1] and row[3])}/{len(rows)} seeds reached both targets.")
     return "\n".join(lines), ok

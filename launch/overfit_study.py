@@ -1,6 +1,6 @@
 """Which hyperparameters matter for overfitting the small set, and what breaks when they change.
 
-    python launch/overfit_study.py [--out reports/overfit] [--epochs 100]
+    python -m launch.overfit_study [--out reports/overfit] [--epochs 100]
 
 Varies one thing at a time around the default recipe (moons, 200 samples, MLP 64-64,
 Adam lr 0.01, batch 32) and writes reports/overfit/study.md (a table of how each run
@@ -15,10 +15,12 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-from spine.experiment import RunRecord, run_in_process  # noqa: E402
-from spine.symptoms import outcome  # noqa: E402
+from launch import figures
+from launch.runner import RunRecord, run
+from spine.checkpoint import load_for_eval
+from spine.symptoms import outcome
 
 # dimension -> [(label, train.py flags)], each varying one thing from the defaults
 STUDY: dict[str, list[tuple[str, list[str]]]] = {
@@ -46,7 +48,7 @@ def run_study(out: Path, epochs: int) -> dict[str, list[tuple[str, RunRecord]]]:
             name = f"{_slug(dim)}-{i}"
             args = ["--epochs", str(epochs), "--no-tensorboard", "--print-every", "100000",
                     "--checkpoint-every-epochs", "100000"] + flags
-            results[dim].append((label, run_in_process(args, out / "study-runs", name)))
+            results[dim].append((label, run(args, out / "study-runs", name, overwrite=True)))
     return results
 
 
@@ -61,76 +63,43 @@ def table(results: dict[str, list[tuple[str, RunRecord]]], epochs: int) -> str:
     return "\n".join(lines)
 
 
-def figures(results: dict[str, list[tuple[str, RunRecord]]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def study_figures(results: dict[str, list[tuple[str, RunRecord]]], out: Path) -> list[Path]:
     paths = []
     for dim, runs in results.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (ax,) = figures.panels(1, size=(6, 4))
         for label, r in runs:
-            losses = [v if v is not None and math.isfinite(v) else float("nan") for v in r.curve("train_loss")]
+            losses = figures.finite(r.curve("train_loss"))
             ax.plot(range(1, len(losses) + 1), losses, label=label)
         ax.set_yscale("log")
         ax.axhline(1e-3, color="grey", lw=0.8, ls="--")
         ax.set(xlabel="epoch", ylabel="train loss (log)", title=f"Overfit study: {dim}")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"study-{_slug(dim)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(figures.save(fig, out / f"study-{_slug(dim)}.png"))
     return paths
 
 
 def boundary_figure(checkpoint: Path, path: Path) -> None:
     """The learned decision boundary over the training points, from a saved checkpoint."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from data import build_dataset
-    from models import build_model
-    from spine.config import Config
-
-    state = torch.load(checkpoint, weights_only=True)
-    cfg = Config.from_dict(state["config"])
-    data = build_dataset(cfg.dataset, cfg.n_samples, cfg.val_fraction, cfg.noise, cfg.dim, cfg.classes,
-                         cfg.data_seed, cfg.order)
-    model = build_model(cfg.model, data.in_dim, data.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
-                        cfg.batchnorm)
-    model.load_state_dict(state["model"])
-    model.eval()
+    model, cfg, data, state = load_for_eval(checkpoint)
     xs = torch.cat([data.train_x, data.val_x])
     lo, hi = xs.min(0).values - 0.5, xs.max(0).values + 0.5
     gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 300), torch.linspace(lo[1], hi[1], 300), indexing="xy")
     with torch.no_grad():
         prob = model(torch.stack([gx.flatten(), gy.flatten()], 1)).softmax(1)[:, 1].reshape(gx.shape)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, (ax,) = figures.panels(1, size=(5.5, 4.5))
     ax.contourf(gx, gy, prob, levels=20, cmap="RdBu_r", alpha=0.6)
     ax.contour(gx, gy, prob, levels=[0.5], colors="k", linewidths=1.2)
     ax.scatter(*data.train_x.T, c=data.train_y, cmap="RdBu_r", edgecolors="k", s=18, label="train")
     ax.scatter(*data.val_x.T, c=data.val_y, cmap="RdBu_r", marker="^", edgecolors="k", s=28, label="val")
     ax.set_title(f"{cfg.dataset}: learned boundary (p=0.5), epoch {state['progress']['epoch']}")
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def curves_figure(run: RunRecord, path: Path) -> None:
     """Loss and accuracy of the default run, train against validation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = range(1, len(run.metrics) + 1)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2) = figures.panels(2)
     ax1.plot(epochs, run.curve("train_loss"), label="train")
     ax1.plot(epochs, run.curve("val_loss"), label="validation")
     ax1.axhline(1e-3, color="grey", lw=0.8, ls="--", label="1e-3")
@@ -141,10 +110,7 @@ def curves_figure(run: RunRecord, path: Path) -> None:
     ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0.4, 1.02))
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
-    fig.suptitle("Default recipe: moons, 200 samples, MLP 64-64, Adam lr 0.01, batch 32", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.save(fig, path, "Default recipe: moons, 200 samples, MLP 64-64, Adam lr 0.01, batch 32")
 
 
 def _slug(text: str) -> str:
@@ -173,7 +139,7 @@ def main() -> int:
     text = ("Overfit study: one change at a time from the default recipe. Regenerate with `make overfit-study`.\n\n"
             + table(results, args.epochs) + "\n")
     (out / "study.md").write_text(text)
-    figures(results, out)
+    study_figures(results, out)
     label, default_run = results["learning rate (Adam)"][2]
     assert label == "lr 0.01", "the default recipe is the third learning rate"
     boundary_figure(out / "study-runs" / "checkpoints" / default_run.name / "last.pt", out / "boundary.png")

@@ -1,6 +1,6 @@
 """A real overfitting experiment: training accuracy keeps rising while validation loss turns upward.
 
-    python launch/overfitting.py [--out reports/overfitting]
+    python -m launch.overfitting [--out reports/overfitting]
 
 Few samples (100: 80 train, 20 validation) of heavily overlapping moons (noise 0.35, so some points sit
 inside the other class's region), a large MLP (256-256) and a long budget (300 epochs). best.pt is chosen
@@ -15,15 +15,12 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from data import build_dataset  # noqa: E402
-from models import build_model  # noqa: E402
-from spine.config import Config  # noqa: E402
-from spine.experiment import run_in_process  # noqa: E402
+from data import build_dataset
+from launch import figures
+from launch.runner import run as run_train
+from spine.checkpoint import load_for_eval
 
 ARGS = ["--dataset", "moons", "--n-samples", "100", "--noise", "0.35", "--hidden", "256,256",
         "--optimizer", "adam", "--lr", "0.01", "--batch-size", "16", "--epochs", "300", "--seed", "0",
@@ -33,14 +30,9 @@ TEST_SEED, TEST_SIZE = 12345, 5000
 
 def score(checkpoint: Path) -> tuple[float, float, int]:
     """(test loss, test accuracy, epoch) of a checkpoint on fresh samples of the same distribution."""
-    state = torch.load(checkpoint, weights_only=True)
-    cfg = Config.from_dict(state["config"])
+    model, cfg, _, state = load_for_eval(checkpoint)
     test = build_dataset(cfg.dataset, TEST_SIZE, 0.5, cfg.noise, cfg.dim, cfg.classes, TEST_SEED)
     x, y = torch.cat([test.train_x, test.val_x]), torch.cat([test.train_y, test.val_y])
-    model = build_model(cfg.model, test.in_dim, test.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
-                        cfg.batchnorm)
-    model.load_state_dict(state["model"])
-    model.eval()
     with torch.no_grad():
         logits = model(x)
     loss = torch.nn.functional.cross_entropy(logits, y).item()
@@ -55,7 +47,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     flags = [a if a != "300" else str(args.epochs) for a in ARGS]
-    run = run_in_process(flags + ["--no-tensorboard"], out / "overfitting-runs", "overfitting")
+    run = run_train(flags + ["--no-tensorboard"], out / "overfitting-runs", "overfitting", overwrite=True)
     if run.returncode != 0:
         print(run.output, file=sys.stderr)
         print(f"overfitting: the run failed with exit code {run.returncode}", file=sys.stderr)
@@ -94,13 +86,8 @@ def main() -> int:
 
 
 def figure(run, best_epoch: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = range(1, len(run.metrics) + 1)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2) = figures.panels(2)
     ax1.plot(epochs, run.curve("train_loss"), label="train")
     ax1.plot(epochs, run.curve("val_loss"), label="validation")
     ax1.axvline(best_epoch, color="grey", ls="--", lw=0.8, label=f"lowest val loss (epoch {best_epoch})")
@@ -111,10 +98,7 @@ def figure(run, best_epoch: int, path: Path) -> None:
     ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
-    fig.suptitle("Overfitting: 80 noisy training points, MLP 256-256", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    figures.save(fig, path, "Overfitting: 80 noisy training points, MLP 256-256")
     assert math.isfinite(run.curve("val_loss")[-1])
 
 

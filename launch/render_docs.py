@@ -8,7 +8,7 @@ Only the text between the markers changes, so the prose around them survives
 every regeneration. A missing report file is an error naming it: run the make
 target that produces it.
 
-    python launch/render_docs.py [experiments.md postmortem.md ...]
+    python -m launch.render_docs [experiments.md postmortem.md ...]
 """
 
 from __future__ import annotations

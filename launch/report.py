@@ -1,8 +1,8 @@
 """Regenerate what experiments.md and postmortem.md cite, then fill their generated blocks.
 
-    python launch/report.py            # run only the producers whose outputs are missing
-    python launch/report.py --force    # run every producer again
-    python launch/report.py --only break overfitting
+    python -m launch.report            # run only the producers whose outputs are missing
+    python -m launch.report --force    # run every producer again
+    python -m launch.report --only break overfitting
 
 A document cites a file in two ways: a generated block (`<!-- generated: reports/x.md -->`) and an image or link
 into reports/ (`![..](reports/x.png)`). Each cited file belongs to exactly one producer below (the script a make
@@ -21,10 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "launch"))
+from launch.render_docs import render
 
-from render_docs import render  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DOCUMENTS = ("experiments.md", "postmortem.md")
 CITATION = re.compile(r"<!-- generated: (reports/[^ ]+) -->|\]\((reports/[^)#\s]+)\)")
@@ -33,23 +32,24 @@ CITATION = re.compile(r"<!-- generated: (reports/[^ ]+) -->|\]\((reports/[^)#\s]
 @dataclass(frozen=True)
 class Producer:
     name: str
-    script: str  # under launch/, run with --out <root>/<out>
+    module: str  # launch.<module>, run with --out <out> (relative to the root, so reports record relative paths)
     out: str
     owns: tuple[str, ...]  # path prefixes, relative to the root
     extra: tuple[str, ...] = field(default=())
 
     def command(self, root: Path) -> list[str]:
-        return [sys.executable, str(REPO / "launch" / self.script), "--out", str(root / self.out), *self.extra]
+        out = self.out if root == REPO else str(root / self.out)
+        return [sys.executable, "-m", f"launch.{self.module}", "--out", out, *self.extra]
 
 
 PRODUCERS = (
-    Producer("overfit-seeds", "overfit_seeds.py", "reports/overfit", ("reports/overfit/seeds.md",)),
-    Producer("overfit-study", "overfit_study.py", "reports/overfit",
+    Producer("overfit-seeds", "overfit_seeds", "reports/overfit", ("reports/overfit/seeds.md",)),
+    Producer("overfit-study", "overfit_study", "reports/overfit",
              ("reports/overfit/study", "reports/overfit/boundary.png", "reports/overfit/curves.png")),
-    Producer("break", "break_all.py", "reports/break", ("reports/break/",)),
-    Producer("overfitting", "overfitting.py", "reports/overfitting", ("reports/overfitting/",)),
-    Producer("scale", "scale.py", "reports/scale", ("reports/scale/",)),
-    Producer("bench", "bench.py", "reports/bench", ("reports/bench/",)),
+    Producer("break", "break_all", "reports/break", ("reports/break/",)),
+    Producer("overfitting", "overfitting", "reports/overfitting", ("reports/overfitting/",)),
+    Producer("scale", "scale", "reports/scale", ("reports/scale/",)),
+    Producer("bench", "bench", "reports/bench", ("reports/bench/",)),
 )
 
 

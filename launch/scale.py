@@ -1,7 +1,7 @@
 """make scale: vary dataset size, batch size (with and without the learning rate scaled), world size and
 gradient accumulation, several seeds each; measure, tabulate and plot.
 
-    python launch/scale.py [--out reports/scale] [--size tiny|default|large] [--worlds 1,2] [--device cpu]
+    python -m launch.scale [--out reports/scale] [--size tiny|default|large] [--worlds 1,2] [--device cpu]
 
 One recipe throughout: the `rule` dataset (32-d Gaussian inputs, 4 classes), MLP 64-64, SGD with momentum
 0.9, learning rate 0.01 at a global batch of 16; "scaled" multiplies it by batch / 16 (the linear rule).
@@ -12,7 +12,7 @@ Groups of runs (each config with --seeds seeds):
           speedup, efficiency; on CPU world 1 also with 2 threads, the other way to use the second core
   accum   the large global batches again, reached by accumulating micro-batches (--grad-accum-steps)
   probe   per-step compute vs all-reduce time at each world size (launch/scale_probe.py)
-World-1 runs execute in this process (spine/experiment.py); world > 1 goes through torchrun --standalone.
+World-1 runs execute in this process; each world size > 1 runs as one torchrun job (launch/runner.py).
 Outputs under --out: runs.csv (every run), summary.md (tables), probe.json, PNG figures; the runs
 themselves (TensorBoard events with hparams, metrics.jsonl, summary.json) under <out>/scale-runs/runs.
 Exit code 1 if a run fails for any reason other than divergence (which is a result, recorded as such).
@@ -33,10 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from launch import figures
+from launch.runner import TORCHRUN, RunRecord, run_many
 
-from spine.experiment import RunRecord, run_in_process  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BASE_LR, BASE_BATCH, TARGET_LOSS = 0.01, 16, 0.3
 RECIPE = ["--dataset", "rule", "--dim", "32", "--classes", "4", "--noise", "0", "--hidden", "64,64",
@@ -127,21 +127,15 @@ def plan(p: Preset, worlds: list[int], cpu: bool) -> list[Spec]:
     return specs
 
 
-def run_spec(spec: Spec, out: Path, device: str, tensorboard: bool) -> RunRecord:
-    args = spec.args(device, tensorboard)
-    if spec.world == 1:
-        return run_in_process(args, out, spec.name)
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    full = [torchrun, "--standalone", f"--nproc_per_node={spec.world}", str(ROOT / "train.py"), *args,
-            "--runs-dir", str(out / "runs"), "--checkpoints-dir", str(out / "checkpoints"),
-            "--run-name", spec.name, "--overwrite"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(spec.threads))
-    try:
-        proc = subprocess.run(full, capture_output=True, text=True, timeout=600, env=env)
-        code, output = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired:
-        code, output = 124, f"{spec.name}: timed out after 600 s"
-    return RunRecord.from_dir(spec.name, args, code, out / "runs" / spec.name, output)
+def run_specs(specs: list[Spec], out: Path, device: str, tensorboard: bool) -> list[RunRecord]:
+    """Every spec, world 1 in this process and each (world, threads) group of the others in one torchrun job."""
+    records: dict[Spec, RunRecord] = {}
+    for world, threads in sorted({(s.world, s.threads) for s in specs}):
+        group = [s for s in specs if (s.world, s.threads) == (world, threads)]
+        done = run_many([(s.args(device, tensorboard), s.name) for s in group], out, world, threads=threads)
+        records.update(zip(group, done, strict=True))
+        print(f"scale: {len(group)} run(s) at world {world} x {threads} thread(s) done", flush=True)
+    return [records[s] for s in specs]
 
 
 def csv_row(spec: Spec, r: RunRecord) -> dict:
@@ -165,12 +159,11 @@ def csv_row(spec: Spec, r: RunRecord) -> dict:
 
 def run_probe(world: int, p: Preset, out: Path, device: str) -> list[dict]:
     path = out / f"probe-w{world}.json"
-    script = str(ROOT / "launch" / "scale_probe.py")
     batches = ",".join(str(b) for b in p.world_batches)
-    launcher = ([str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={world}"]
-                if world > 1 else [sys.executable])
-    proc = subprocess.run(launcher + [script, "--out", str(path), "--batches", batches, "--steps", str(p.probe_steps),
-                                      "--device", device], capture_output=True, text=True, timeout=600)
+    launcher = [TORCHRUN, "--standalone", f"--nproc_per_node={world}"] if world > 1 else [sys.executable]
+    proc = subprocess.run(launcher + ["-m", "launch.scale_probe", "--out", str(path), "--batches", batches,
+                                      "--steps", str(p.probe_steps), "--device", device],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"probe at world {world} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(path.read_text())
@@ -307,24 +300,16 @@ def summary_tables(rows: list[dict], probes: list[dict], p: Preset, header: str)
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def figures(rows: list[dict], probes: list[dict], out: Path, command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_all(rows: list[dict], probes: list[dict], out: Path, command: str) -> None:
     def save(fig, name: str, title: str) -> None:
-        fig.suptitle(f"{title}\n(regenerate: {command})", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
+        figures.save(fig, out / name, title, command)
 
     # Epoch time vs dataset size, with the fitted line.
     data = [r for r in select(rows, group="data") if r["epoch_seconds"] is not None]
     if data:
         xs, ys = [r["n_train"] for r in data], [r["epoch_seconds"] for r in data]
         a, b, r2 = linear_fit(xs, ys)
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (ax,) = figures.panels(1, size=(6, 4))
         ax.scatter(xs, ys, s=14, label="runs (median epoch of each)")
         grid = sorted(set(xs))
         ax.plot(grid, [a + b * x for x in grid], "r-", label=f"fit {a * 1000:.1f} ms + {b * 1e6:.2f} µs·n, "
@@ -334,7 +319,7 @@ def figures(rows: list[dict], probes: list[dict], out: Path, command: str) -> No
         save(fig, "epoch_time_vs_dataset_size.png", "Epoch time vs dataset size (world 1)")
 
     # Throughput vs global batch.
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (ax,) = figures.panels(1, size=(6.5, 4))
     curves = [("1 rank × 1 thread (batch sweep)", dict(group="batch"), "o-")]
     for w, t in sorted({(r["world"], r["threads"]) for r in select(rows, group="world")}):
         curves.append((f"{w} rank(s) × {t} thread(s) (world sweep)", dict(group="world", world=w, threads=t), "s--"))
@@ -352,7 +337,7 @@ def figures(rows: list[dict], probes: list[dict], out: Path, command: str) -> No
     # Throughput vs world size: speedup and efficiency.
     world = select(rows, group="world")
     if world:
-        fig, axes = plt.subplots(1, 3 if probes else 2, figsize=(14 if probes else 10, 4))
+        fig, axes = figures.panels(3 if probes else 2, size=(14 / 3 if probes else 5, 4))
         batches = sorted({r["global_batch"] for r in world})
         layouts = sorted({(r["world"], r["threads"]) for r in world})
         width = 0.8 / len(layouts)
@@ -398,7 +383,7 @@ def figures(rows: list[dict], probes: list[dict], out: Path, command: str) -> No
     # Epochs and steps to the target loss vs batch, fixed vs scaled lr.
     batch = select(rows, group="batch")
     if batch:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = figures.panels(2, size=(5, 4))
         for ax, key in zip(axes, ("epochs_to_target", "steps_to_target"), strict=True):
             for mode, style in (("fixed", "o-"), ("scaled", "s--")):
                 bs, med, lo, hi, missed = [], [], [], [], []
@@ -425,7 +410,7 @@ def figures(rows: list[dict], probes: list[dict], out: Path, command: str) -> No
              "(median, min-max over seeds)")
 
         # Seed spread of the final loss vs batch.
-        fig, ax = plt.subplots(figsize=(6.5, 4))
+        fig, (ax,) = figures.panels(1, size=(6.5, 4))
         for mode, marker, shift in (("fixed", "o", 0.93), ("scaled", "s", 1.07)):
             g = [r for r in batch if r["lr_mode"] == mode]
             xs = [r["global_batch"] * shift for r in g if r["final_train_loss"] is not None]
@@ -453,7 +438,7 @@ def replot(out: Path, preset: Preset, command: str) -> int:
         return 2
     rows = [{k: _typed(k, v) for k, v in r.items()} for r in raw]
     (out / "summary.md").write_text(summary_tables(rows, probes, preset, header))
-    figures(rows, probes, out, command)
+    plot_all(rows, probes, out, command)
     return 0
 
 
@@ -499,14 +484,12 @@ def main() -> int:
 
     specs = plan(preset, worlds, cpu=args.device == "cpu")
     rows, ok = [], True
-    for i, spec in enumerate(specs, 1):
-        r = run_spec(spec, runs_dir, args.device, not args.no_tensorboard)
+    for spec, r in zip(specs, run_specs(specs, runs_dir, args.device, not args.no_tensorboard), strict=True):
         failed = r.returncode not in (0, 3) or not r.summary
         ok = ok and not failed
         rows.append(csv_row(spec, r))
-        status = "FAILED: " + r.output.strip().splitlines()[-1] if failed and r.output.strip() else (
-            "diverged" if r.summary.get("diverged") else "ok")
-        print(f"[{i}/{len(specs)}] {spec.name}: {status}", flush=True)
+        if failed:
+            print(f"{spec.name}: FAILED: {(r.output.strip().splitlines() or ['no output'])[-1]}", flush=True)
     probes = []
     for w in worlds:
         try:
@@ -529,7 +512,7 @@ def main() -> int:
               f"{load_before[0]:.1f} before, {load_after[0]:.1f} after). Every run: `runs.csv`.")
     text = summary_tables(rows, probes, preset, header)
     (out / "summary.md").write_text(text)
-    figures(rows, probes, out, command)
+    plot_all(rows, probes, out, command)
     print(text)
     print(f"TensorBoard (HParams tab): .venv/bin/tensorboard --logdir {runs_dir / 'runs'}")
     return 0 if ok else 1

@@ -1,7 +1,7 @@
 """Where a distributed step's time goes: compute vs all-reduce, each measured, per global batch size.
 
     torchrun --standalone --nproc_per_node=2 launch/scale_probe.py --out probe-w2.json [--batches 64,512,4096]
-    python launch/scale_probe.py --out probe-w1.json          # world 1: compute only
+    python -m launch.scale_probe --out probe-w1.json          # world 1: compute only
 
 Run by launch/scale.py (make scale). Each timed step, on every rank, with a barrier before each timed block so
 that no block includes waiting for the other rank to arrive:
@@ -21,15 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from models import build_model
+from spine.distributed import all_reduce_sum, barrier, distributed_session, grad_sync
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-
-from models import build_model  # noqa: E402
-from spine.distributed import all_reduce_sum, barrier, distributed_session, grad_sync  # noqa: E402
 
 
 def _ms(samples: list[float]) -> float:

@@ -16,10 +16,14 @@ from pathlib import Path
 
 import torch
 
+from data import SplitDataset, build_dataset
+from models import build_model
 from spine import faults
+from spine.config import Config
 from spine.errors import TrainingError, UsageError
 
 STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
+FORMAT = 2  # 2: config keyed by flag name, TrainState under "progress"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -128,6 +132,9 @@ def load_checkpoint(path: Path) -> dict:
         raise TrainingError(f"checkpoint {path} is corrupt or truncated: {_first_sentence(e)}") from None
     if not isinstance(state, dict) or "model" not in state or "progress" not in state:
         raise TrainingError(f"checkpoint {path} is not a checkpoint written by train.py")
+    if state.get("format") != FORMAT:
+        raise TrainingError(f"checkpoint {path} was written by an older train.py (format {state.get('format', 1)}, "
+                            f"this one reads {FORMAT}); start a new run")
     return state
 
 
@@ -193,34 +200,53 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# Config keys that must match for a resume to continue the same run. Everything
-# else (epochs, logging cadence, output folders) may change between attempts.
+# Config keys (flag names) that must match for a resume to continue the same run.
 MUST_MATCH = (
-    "dataset", "n_samples", "val_fraction", "noise", "dim", "classes", "data_seed", "order", "limit_samples",
-    "model", "hidden", "activation", "dropout", "batchnorm",
-    "optimizer", "seed", "mistake",
+    "dataset", "n-samples", "val-fraction", "noise", "dim", "classes", "data-seed", "order", "limit-samples",
+    "model", "hidden", "activation", "dropout", "batchnorm", "optimizer", "seed", "break",
 )
+# Restored with the optimizer and scheduler state: a new value on the command line would not take effect, so a
+# change is refused rather than printed in the header and silently ignored.
+OPTIMIZER_KEYS = ("lr", "momentum", "weight-decay", "schedule", "warmup-steps")
 
 
 def check_compatible(state: dict, config: dict, fingerprint: str, world_size: int) -> None:
-    """Refuse a checkpoint from another model, dataset or batch layout, naming what differs."""
+    """Refuse a checkpoint from another model, dataset, optimizer setting or global batch, naming what differs.
+
+    What may change: --epochs (under a constant schedule), the world size and accumulation count at the same global
+    batch (also from a mid-epoch checkpoint: the global batch fixes which samples each step covers), logging and
+    checkpoint cadence, output folders, --grad-clip.
+    """
     saved = state["config"]
-    for key in MUST_MATCH:
+    for key in MUST_MATCH + OPTIMIZER_KEYS:
         if saved.get(key) != config.get(key):
-            raise UsageError(
-                f"--resume: checkpoint has {key}={saved.get(key)!r} but this run has {key}={config.get(key)!r}"
-            )
+            why = (": the restored optimizer and schedule keep the checkpoint's value; resume with it, or start a new "
+                   "run" if key in OPTIMIZER_KEYS else "")
+            raise UsageError(f"--resume: checkpoint has --{key} {saved.get(key)}, this run has --{key} "
+                             f"{config.get(key)}{why}")
+    if config["schedule"] != "constant" and saved["epochs"] != config["epochs"]:
+        raise UsageError(f"--resume: checkpoint has --epochs {saved['epochs']} under --schedule {config['schedule']}, "
+                         f"this run has --epochs {config['epochs']}: the schedule's length would change; resume with "
+                         f"--epochs {saved['epochs']}, or start a new run")
     if state["dataset_fingerprint"] != fingerprint:
         raise UsageError(
             f"--resume: checkpoint was trained on dataset {state['dataset_fingerprint']}, this run built {fingerprint}"
         )
     # The global batch must match; how it is reached (ranks x micro-batch x accumulation steps) may change.
-    saved_global = saved["batch_size"] * saved.get("grad_accum_steps", 1) * state["world_size"]
-    this_global = config["batch_size"] * config.get("grad_accum_steps", 1) * world_size
+    saved_global = saved["batch-size"] * saved["grad-accum-steps"] * state["world_size"]
+    this_global = config["batch-size"] * config["grad-accum-steps"] * world_size
     if saved_global != this_global:
         raise UsageError(f"--resume: checkpoint used a global batch of {saved_global}, this run {this_global}")
-    if state["progress"]["step_in_epoch"] and state["world_size"] != world_size:
-        raise UsageError(
-            f"--resume: a mid-epoch checkpoint from world size {state['world_size']} cannot continue at world size "
-            f"{world_size}; resume from an epoch-end checkpoint"
-        )
+
+
+def load_for_eval(path: Path) -> tuple[torch.nn.Module, Config, SplitDataset, dict]:
+    """Rebuild a checkpoint's model (in eval mode) and its dataset from the config inside it: (model, config, data,
+    the whole checkpoint). Raises TrainingError for a file that does not load."""
+    state = load_checkpoint(path)
+    cfg = Config.from_dict(state["config"])
+    data = build_dataset(cfg.dataset, cfg.n_samples, cfg.val_fraction, cfg.noise, cfg.dim, cfg.classes,
+                         cfg.data_seed, cfg.order)
+    model = build_model(cfg.model, data.in_dim, data.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
+                        cfg.batchnorm)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, data, state

@@ -1,7 +1,12 @@
-"""Command line -> a frozen, validated Config.
+"""Command line and --config FILE.toml -> a frozen, validated Config.
 
-Validation happens before anything touches the disk or the network, so a bad
-flag costs nothing: one line naming the flag, exit code 2, no traceback.
+Each flag is declared once, as a field of `Config`: its default, its --help group and text, and its own check.
+The parser, the TOML reader, the TOML writer and the per-flag validation all derive from those declarations;
+only the rules that relate two flags are written out, in `_cross_checks`. Keys (in a config file, summary.json
+and checkpoints) are the flag names without the leading dashes: `batch-size`, `break`, `tensorboard`.
+
+Validation happens before anything touches the disk or the network, so bad input costs nothing: one line
+naming the flag (or the file and key), exit code 2, no traceback.
 """
 
 from __future__ import annotations
@@ -10,99 +15,154 @@ import argparse
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
 
 from data import DATASETS, dataset_shape, split_sizes
 from models import MODELS
+from spine.breaks import BREAKS
 from spine.errors import UsageError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-
-# Deliberate bugs for `make break` (--break NAME): each one is a single changed line in train.py.
-BREAKS = {
-    "no-train-mode": "model.train() is never called, so training runs in eval mode (dropout off, BatchNorm frozen)",
-    "no-eval-mode": "validation runs in train mode (dropout on, BatchNorm uses and updates batch statistics)",
-    "huge-lr": "the learning rate is 1000x --lr",
-    "no-zero-grad": "optimizer.zero_grad() is never called, so every step re-applies all earlier gradients",
-    "no-shuffle": "the sampler does not shuffle: every epoch walks the storage order",
-    "no-set-epoch": "sampler.set_epoch() is never called: every epoch repeats epoch 0's order",
-    "no-distributed-sampler": "every rank trains on the whole dataset instead of its 1/world shard",
-    "no-grad-sync": "each rank steps on its own gradients (DDP's all-reduce is skipped)",
-    "rank0-val": "validation metrics are rank 0's shard only, not reduced over ranks",
-    "padded-val": "DistributedSampler's padding duplicates are counted in validation",
-    "sum-loss": "the loss is summed over the batch instead of averaged",
-    "softmax-logits": "softmax is applied to the logits before CrossEntropyLoss, which expects raw logits",
-}
-NEEDS_RANKS = ("no-distributed-sampler", "no-grad-sync", "rank0-val", "padded-val")
 SCHEDULES = ("constant", "cosine")
+
+Check = tuple[Callable[[Any], bool], str]  # (is the value acceptable?, what it must be, for the error message)
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+POSITIVE: Check = (lambda v: v > 0, "must be positive")
+NON_NEGATIVE: Check = (lambda v: v >= 0, "must be >= 0")
+OFF_OR_MORE: Check = (lambda v: v >= 0, "must be >= 0 (0 = off)")
+
+
+def flag(default: Any, group: str, help: str, *, check: Check | None = None,
+         choices: Callable[[], tuple[str, ...]] | tuple[str, ...] | None = None, noun: str = "",
+         name: str = "", metavar: str | None = None) -> Any:
+    """Declare one flag: a dataclass field whose metadata drives the parser, the TOML reader and validation."""
+    return field(default=default, metadata={"group": group, "help": help, "check": check, "choices": choices,
+                                            "noun": noun, "name": name, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class Config:
     # data
-    dataset: str = "moons"
-    n_samples: int = 200
-    val_fraction: float = 0.2
-    noise: float = 0.1
-    dim: int = 2
-    classes: int = 2
-    data_seed: int = 0
-    order: str = "random"
-    limit_samples: int = 0
+    dataset: str = flag("moons", "data", "the dataset", choices=lambda: tuple(DATASETS))
+    n_samples: int = flag(200, "data", "total samples, train + validation",
+                          check=(lambda v: v >= 2, "must be at least 2"))
+    val_fraction: float = flag(0.2, "data", "share held out for validation, in (0, 1)",
+                               check=(lambda v: 0 < v < 1, "must lie in (0, 1)"))
+    noise: float = flag(0.1, "data", "noise level of the generator (>= 0)",
+                        check=(lambda v: _finite(v) and v >= 0, "must be >= 0"))
+    dim: int = flag(2, "data", "input dimensions (rule dataset only)", check=POSITIVE)
+    classes: int = flag(2, "data", "number of classes (rule dataset only)",
+                        check=(lambda v: v >= 2, "must be at least 2"))
+    data_seed: int = flag(0, "data", "seed of the data generator, independent of --seed")
+    order: str = flag("random", "data", "storage order of the training set: sorted groups it by class",
+                      choices=("random", "sorted"))
+    limit_samples: int = flag(0, "data", "train on only the first N training samples (the single-batch overfit "
+                              "check); 0 = all", check=(lambda v: v >= 0, "must be >= 0 (0 = all)"))
     # model
-    model: str = "mlp"
-    hidden: tuple[int, ...] = (64, 64)
-    activation: str = "relu"
-    dropout: float = 0.0
-    batchnorm: bool = False
+    model: str = flag("mlp", "model", "the model", choices=lambda: tuple(MODELS))
+    hidden: tuple[int, ...] = flag((64, 64), "model", "hidden widths, comma-separated, e.g. 64,64")
+    activation: str = flag("relu", "model", "activation after each hidden layer", choices=("relu", "tanh", "gelu"))
+    dropout: float = flag(0.0, "model", "dropout probability after each hidden layer, in [0, 1)",
+                          check=(lambda v: 0 <= v < 1, "must lie in [0, 1)"))
+    batchnorm: bool = flag(False, "model", "BatchNorm1d after each hidden linear layer")
     # optimisation
-    optimizer: str = "adam"
-    lr: float = 0.01
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    grad_clip: float = 0.0
-    epochs: int = 100
-    batch_size: int = 32
-    global_batch_size: int = 0
-    grad_accum_steps: int = 1
-    eval_batch_size: int = 4096
-    target_loss: float = 1e-3
-    seed: int = 0
-    mistake: str = ""
+    optimizer: str = flag("adam", "optimisation", "the optimizer", choices=OPTIMIZERS)
+    lr: float = flag(0.01, "optimisation", "peak learning rate (> 0)",
+                     check=(lambda v: _finite(v) and v > 0, "must be a positive number"))
+    momentum: float = flag(0.0, "optimisation", "SGD momentum, in [0, 1)",
+                           check=(lambda v: 0 <= v < 1, "must lie in [0, 1)"))
+    weight_decay: float = flag(0.0, "optimisation", "L2 (SGD, Adam) or decoupled (AdamW) weight decay",
+                               check=NON_NEGATIVE)
+    schedule: str = flag("constant", "optimisation", "learning-rate schedule after warmup", choices=SCHEDULES)
+    warmup_steps: int = flag(0, "optimisation", "linear warmup from 0 to --lr over this many steps",
+                             check=NON_NEGATIVE)
+    grad_clip: float = flag(0.0, "optimisation", "clip the global grad norm to this value; 0 = off (the norm is "
+                            "logged either way)", check=OFF_OR_MORE)
+    epochs: int = flag(100, "optimisation", "total epochs; a resume continues up to this number", check=POSITIVE)
+    batch_size: int = flag(32, "optimisation", "samples per rank per micro-batch", check=POSITIVE)
+    global_batch_size: int = flag(0, "optimisation", "samples per optimizer step over all ranks (instead of "
+                                  "--batch-size): per-rank batch x world size x --grad-accum-steps, so it must "
+                                  "divide by their product; 0 = use --batch-size", check=NON_NEGATIVE)
+    grad_accum_steps: int = flag(1, "optimisation", "micro-batches of --batch-size per optimizer step on each "
+                                 "rank; gradients add up locally (DDP's no_sync) and are all-reduced once, on the "
+                                 "last", check=(lambda v: v >= 1, "must be at least 1"))
+    eval_batch_size: int = flag(4096, "optimisation", "samples per validation forward", check=POSITIVE)
+    target_loss: float = flag(1e-3, "optimisation", "report the first epoch and step at which the epoch's train "
+                              "loss is <= this", check=POSITIVE)
+    seed: int = flag(0, "optimisation", "seed of initialisation, shuffling and dropout")
+    break_: str = flag("", "optimisation", "inject one deliberate mistake (make break)", name="break",
+                       choices=lambda: ("",) + tuple(BREAKS), noun="mistake", metavar="NAME")
     # system
-    device: str = "auto"
-    threads: int = 0
-    pg_timeout: float = 120.0
+    device: str = flag("auto", "system", "auto = cuda when available; the backend follows (nccl on cuda, gloo on "
+                       "cpu)", choices=("auto", "cpu", "cuda"))
+    threads: int = flag(0, "system", "CPU threads per rank; 0 = physical cores // ranks on this node",
+                        check=(lambda v: v >= 0, "must be >= 0 (0 = automatic)"))
+    pg_timeout: float = flag(120.0, "system", "seconds a collective may wait for a lost rank before failing",
+                             check=(lambda v: _finite(v) and v > 0, "must be positive"))
     # outputs
-    run_name: str = ""
-    runs_dir: str = "runs"
-    checkpoints_dir: str = "checkpoints"
-    resume: str = ""
-    overwrite: bool = False
-    checkpoint_every_steps: int = 0
-    checkpoint_every_epochs: int = 0
-    checkpoint_every_seconds: float = 60.0
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    print_every: int = 1
-    tensorboard: bool = True
+    run_name: str = flag("", "outputs", "name of the run; default <dataset>-<model>-seed<seed>")
+    runs_dir: str = flag("runs", "outputs", "TensorBoard logs, metrics.jsonl, summary.json and config.toml go to "
+                         "<runs-dir>/<run-name>/")
+    checkpoints_dir: str = flag("checkpoints", "outputs", "checkpoints go to <checkpoints-dir>/<run-name>/")
+    resume: str = flag("", "outputs", "'auto' = continue from the run's newest checkpoint if there is one, else "
+                       "start fresh; or a checkpoint path")
+    overwrite: bool = flag(False, "outputs", "replace an existing run of the same name instead of refusing")
+    checkpoint_every_steps: int = flag(0, "outputs", "also save every N optimizer steps; 0 = only at epoch ends",
+                                       check=NON_NEGATIVE)
+    checkpoint_every_epochs: int = flag(0, "outputs", "save every N epochs; 0 = off. The final epoch is always "
+                                        "saved; best.pt is the best of the saved checkpoints", check=OFF_OR_MORE)
+    checkpoint_every_seconds: float = flag(60.0, "outputs", "save at the end of the first epoch at least this many "
+                                           "seconds after the last save (rank 0's clock decides for all ranks); "
+                                           "0 = off", check=(lambda v: _finite(v) and v >= 0, OFF_OR_MORE[1]))
+    keep_checkpoints: int = flag(3, "outputs", "step checkpoints kept on disk (newest first); last.pt and best.pt "
+                                 "point into them", check=POSITIVE)
+    log_every: int = flag(10, "outputs", "every N steps: per-step scalars to TensorBoard, a non-finite check, and a "
+                          "console line in long epochs", check=POSITIVE)
+    print_every: int = flag(1, "outputs", "console line every N epochs (the last is always printed)", check=POSITIVE)
+    tensorboard: bool = flag(True, "outputs", "write TensorBoard event files")
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
+    def to_dict(self) -> dict[str, Any]:
+        """Keyed by flag name: what summary.json, checkpoints and config.toml record."""
+        return {flag_name(f): list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in FIELDS}
 
     @staticmethod
-    def from_dict(d: dict) -> Config:
-        known = {f.name for f in dataclasses.fields(Config)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["hidden"] = tuple(d.get("hidden", ()))
-        return Config(**d)
+    def from_dict(d: dict[str, Any]) -> Config:
+        """The Config a checkpoint or summary recorded; unknown keys are ignored, missing ones take defaults."""
+        values = {}
+        for f in FIELDS:
+            key = flag_name(f)
+            if key in d:
+                values[f.name] = tuple(d[key]) if f.type == "tuple[int, ...]" else d[key]
+        return Config(**values)
 
-    def default_run_name(self) -> str:
-        return f"{self.dataset}-{self.model}-seed{self.seed}"
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name
+
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoints_dir) / self.run_name
+
+
+FIELDS = dataclasses.fields(Config)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata["name"] or f.name.replace("_", "-")
+
+
+BY_NAME = {flag_name(f): f for f in FIELDS}
+
+
+# --- parsing: command line and TOML ---------------------------------------------------------------------------
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -115,13 +175,7 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except for on/off switches where "(default: False)" says nothing."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if isinstance(action.default, bool):
-            return action.help or ""
-        return super()._get_help_string(action)
+_PARSE = {"int": int, "float": float, "str": str, "tuple[int, ...]": _hidden}
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -132,106 +186,113 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = Config()
+    # SUPPRESS: a flag not given is absent from the result, so a --config file can supply it instead.
     p = _OneLineParser(
-        prog="train.py",
-        description="Hand-written, DDP-aware training loop on synthetic data. "
-        "Run with `python train.py` (one process) or `torchrun --nproc_per_node=N train.py` (N ranks).",
-        formatter_class=_HelpFormatter,
+        prog="train.py", argument_default=argparse.SUPPRESS,
+        description="Hand-written, DDP-aware training loop. Run with `python train.py` (one process) or "
+                    "`torchrun --nproc_per_node=N train.py` (N ranks). Any flag can also come from --config "
+                    "FILE.toml (keys are the flag names); flags on the command line win over the file.",
     )
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset, help=f"one of: {', '.join(DATASETS)}")
-    g.add_argument("--n-samples", type=int, default=d.n_samples, help="total samples, train + validation")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="share held out for validation, in (0, 1)")
-    g.add_argument("--noise", type=float, default=d.noise, help="noise level of the generator (>= 0)")
-    g.add_argument("--dim", type=int, default=d.dim, help="input dimensions (rule dataset only)")
-    g.add_argument("--classes", type=int, default=d.classes, help="number of classes (rule dataset only)")
-    g.add_argument("--data-seed", type=int, default=d.data_seed,
-                   help="seed of the data generator, independent of --seed")
-    g.add_argument("--order", choices=("random", "sorted"), default=d.order,
-                   help="storage order of the training set: sorted groups it by class")
-    g.add_argument("--limit-samples", type=int, default=d.limit_samples,
-                   help="train on only the first N training samples (the single-batch overfit check); 0 = all")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help=f"one of: {', '.join(MODELS)}")
-    g.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden widths, comma-separated, e.g. 64,64")
-    g.add_argument("--activation", choices=("relu", "tanh", "gelu"), default=d.activation)
-    g.add_argument("--dropout", type=float, default=d.dropout,
-                   help="dropout probability after each hidden layer, in [0, 1)")
-    g.add_argument("--batchnorm", action="store_true", help="BatchNorm1d after each hidden linear layer")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", default=d.optimizer, help=f"one of: {', '.join(OPTIMIZERS)}")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (> 0)")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum, in [0, 1)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="L2 (SGD, Adam) or decoupled (AdamW) weight decay")
-    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="learning-rate schedule after warmup")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                   help="linear warmup from 0 to --lr over this many steps")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
-                   help="clip the global grad norm to this value; 0 = off (the norm is logged either way)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="total epochs; a resume continues up to this number")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per rank per step")
-    g.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
-                   help="samples per optimizer step over all ranks (instead of --batch-size): per-rank batch x world "
-                        "size x --grad-accum-steps, so it must divide by their product")
-    g.add_argument("--grad-accum-steps", type=int, default=d.grad_accum_steps,
-                   help="micro-batches of --batch-size per optimizer step on each rank; gradients add up locally "
-                        "(DDP's no_sync) and are all-reduced once, on the last")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="samples per validation forward")
-    g.add_argument("--target-loss", type=float, default=d.target_loss,
-                   help="report the first epoch and step at which the epoch's train loss is <= this")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, shuffling and dropout")
-    g.add_argument("--break", dest="mistake", default="", metavar="NAME",
-                   help="inject one deliberate bug (make break): " + ", ".join(BREAKS))
-    g = p.add_argument_group("system")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
-                   help="auto = cuda when available; the backend follows (nccl on cuda, gloo on cpu)")
-    g.add_argument("--threads", type=int, default=d.threads,
-                   help="CPU threads per rank; 0 = physical cores // ranks on this node")
-    g.add_argument("--pg-timeout", type=float, default=d.pg_timeout,
-                   help="seconds a collective may wait for a lost rank before failing")
-    g = p.add_argument_group("outputs")
-    g.add_argument("--run-name", default=d.run_name, help="name of the run; default <dataset>-<model>-seed<seed>")
-    g.add_argument("--runs-dir", default=d.runs_dir,
-                   help="TensorBoard logs, metrics.jsonl and summary.json go to <runs-dir>/<run-name>/")
-    g.add_argument("--checkpoints-dir", default=d.checkpoints_dir,
-                   help="checkpoints go to <checkpoints-dir>/<run-name>/")
-    g.add_argument("--resume", default=d.resume,
-                   help="'auto' = continue from the run's last.pt if there is one, else start fresh; or a checkpoint "
-                        "path")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace an existing run of the same name instead of refusing")
-    g.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps,
-                   help="also write last.pt every N optimizer steps; 0 = only at epoch ends")
-    g.add_argument("--checkpoint-every-epochs", type=int, default=d.checkpoint_every_epochs,
-                   help="write last.pt every N epochs; 0 = off. The final epoch is always saved; best.pt is the "
-                        "best of the saved checkpoints")
-    g.add_argument("--checkpoint-every-seconds", type=float, default=d.checkpoint_every_seconds,
-                   help="write last.pt at the end of the first epoch at least this many seconds after the last "
-                        "save (rank 0's clock decides for all ranks); 0 = off")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
-                   help="step checkpoints kept on disk (newest first); last.pt and best.pt point into them")
-    g.add_argument("--log-every", type=int, default=d.log_every,
-                   help="every N steps: per-step scalars to TensorBoard, a non-finite check, and a console line in "
-                        "long epochs")
-    g.add_argument("--print-every", type=int, default=d.print_every,
-                   help="console line every N epochs (the last is always printed)")
-    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip TensorBoard event files")
+    p.add_argument("--config", metavar="FILE.toml", help="read flags from a TOML file, e.g. a run's config.toml")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in FIELDS:
+        meta, name = f.metadata, flag_name(f)
+        group = groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        help_text = meta["help"] + (f" (default: {shown!s})" if shown not in ("", False) else "")
+        choices = _choices(f)
+        if choices:
+            help_text += f"; one of: {', '.join(c for c in choices if c)}"
+        if f.type == "bool":
+            group.add_argument(f"--{name}", dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(f"--{name}", dest=f.name, type=_PARSE[f.type], help=help_text,
+                               metavar=meta["metavar"] or name.replace("-", "_").upper())
     return p
 
 
+def _choices(f: dataclasses.Field) -> tuple[str, ...] | None:
+    choices = f.metadata["choices"]
+    return choices() if callable(choices) else choices
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Flag values from a TOML file, typed and checked against the declarations; UsageError names file and key."""
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--config {path}: is a directory, not a file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: cannot read it: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"--config {path}: not valid TOML: {e}") from None
+    values = {}
+    for key, value in table.items():
+        f = BY_NAME.get(key)
+        if f is None:
+            raise UsageError(f"--config {path}: unknown key {key!r} (keys are the flag names, e.g. batch-size)")
+        values[f.name] = _typed(f, value, f"--config {path}: key {key!r}")
+    return values
+
+
+def _typed(f: dataclasses.Field, value: Any, where: str) -> Any:
+    if f.type == "bool":
+        ok = isinstance(value, bool)
+    elif f.type == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif f.type == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif f.type == "str":
+        ok = isinstance(value, str)
+    else:  # hidden widths: a list of positive integers, or the flag's own "64,64" text
+        if isinstance(value, str):
+            try:
+                return _hidden(value)
+            except argparse.ArgumentTypeError as e:
+                raise UsageError(f"{where}: {e}") from None
+        ok = isinstance(value, list) and all(isinstance(w, int) and not isinstance(w, bool) and w > 0
+                                             for w in value)
+        value = tuple(value) if ok else value
+    if not ok:
+        expected = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+        raise UsageError(f"{where}: expected {expected.get(f.type, 'a list of positive integers')}, got {value!r}")
+    return value
+
+
+def to_toml(cfg: Config, comment: str = "") -> str:
+    """The config as a TOML file that `--config` reads back to the same Config."""
+    lines = [f"# {line}" for line in comment.splitlines()]
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, float):
+            text = repr(value)  # repr round-trips exactly; TOML reads 1e-05, inf and nan alike
+        elif isinstance(value, list):
+            text = "[" + ", ".join(map(str, value)) + "]"
+        elif isinstance(value, int):
+            text = str(value)
+        else:
+            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
 def parse_config(argv: list[str] | None = None, world_size: int | None = None) -> Config:
-    """Parse and validate; raises UsageError with a one-line message."""
-    ns = build_parser().parse_args(argv)
-    cfg = Config(**{k: v for k, v in vars(ns).items()})
+    """Parse and validate: defaults, then --config FILE, then the command line. Raises UsageError (one line)."""
+    given = vars(build_parser().parse_args(argv))
+    values = read_toml(given.pop("config")) if "config" in given else {}
+    values.update(given)
+    cfg = Config(**values)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = _resolve_batch(cfg, world_size)
     validate(cfg, world_size)
     if not cfg.run_name:
-        cfg = dataclasses.replace(cfg, run_name=cfg.default_run_name())
+        cfg = dataclasses.replace(cfg, run_name=f"{cfg.dataset}-{cfg.model}-seed{cfg.seed}")
     return cfg
 
 
@@ -242,73 +303,76 @@ def _resolve_batch(cfg: Config, world_size: int) -> Config:
             raise UsageError(f"--grad-accum-steps must be at least 1, got {cfg.grad_accum_steps}")
         per_step = world_size * cfg.grad_accum_steps
         if cfg.global_batch_size < 0 or cfg.global_batch_size % per_step:
-            raise UsageError(
-                f"--global-batch-size {cfg.global_batch_size} must be positive and divide by the world size "
-                f"{world_size} x --grad-accum-steps {cfg.grad_accum_steps}"
-            )
+            raise UsageError(f"--global-batch-size {cfg.global_batch_size} must be positive and divide by the world "
+                             f"size {world_size} x --grad-accum-steps {cfg.grad_accum_steps}")
         return dataclasses.replace(cfg, batch_size=cfg.global_batch_size // per_step)
     return cfg
 
 
+# --- validation -----------------------------------------------------------------------------------------------
+
+
 def validate(cfg: Config, world_size: int) -> None:
-    def need(ok: bool, message: str) -> None:
+    for f in FIELDS:
+        value, name = getattr(cfg, f.name), flag_name(f)
+        choices = _choices(f)
+        if choices and value not in choices:
+            noun = f.metadata["noun"] or name
+            raise UsageError(f"--{name}: unknown {noun} {value!r} (choose from {', '.join(c for c in choices if c)})")
+        check = f.metadata["check"]
+        if check and not check[0](value):
+            raise UsageError(f"--{name} {check[1]}, got {value}")
+    for ok, message in _cross_checks(cfg, world_size):
         if not ok:
             raise UsageError(message)
 
-    need(cfg.dataset in DATASETS, f"--dataset: unknown dataset {cfg.dataset!r} (choose from {', '.join(DATASETS)})")
-    need(cfg.model in MODELS, f"--model: unknown model {cfg.model!r} (choose from {', '.join(MODELS)})")
-    need(cfg.optimizer in OPTIMIZERS,
-         f"--optimizer: unknown optimizer {cfg.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
-    need(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}")
-    need(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
-    need(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
-    need(cfg.grad_accum_steps >= 1, f"--grad-accum-steps must be at least 1, got {cfg.grad_accum_steps}")
+
+def _cross_checks(cfg: Config, world_size: int):
+    """Rules that relate several flags, each with the message shown when it fails (checked in this order)."""
+    mistake = BREAKS.get(cfg.break_)
+    yield (mistake is None or world_size >= mistake.ranks,
+           f"--break {cfg.break_} needs several ranks: launch with torchrun --nproc_per_node=2")
     # Summed micro-batch losses have no per-sample meaning to accumulate: the sum-loss demo runs at k = 1 only.
-    need(cfg.mistake != "sum-loss" or cfg.grad_accum_steps == 1, "--break sum-loss needs --grad-accum-steps 1")
-    need(cfg.eval_batch_size > 0, f"--eval-batch-size must be positive, got {cfg.eval_batch_size}")
-    need(0 < cfg.val_fraction < 1, f"--val-fraction must lie in (0, 1), got {cfg.val_fraction}")
-    need(cfg.n_samples >= 2, f"--n-samples must be at least 2, got {cfg.n_samples}")
-    need(math.isfinite(cfg.noise) and cfg.noise >= 0, f"--noise must be >= 0, got {cfg.noise}")
-    need(cfg.dim > 0, f"--dim must be positive, got {cfg.dim}")
-    need(cfg.classes >= 2, f"--classes must be at least 2, got {cfg.classes}")
-    need(0 <= cfg.dropout < 1, f"--dropout must lie in [0, 1), got {cfg.dropout}")
-    need(0 <= cfg.momentum < 1, f"--momentum must lie in [0, 1), got {cfg.momentum}")
-    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
-    need(cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
-    need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {cfg.grad_clip}")
-    need(cfg.threads >= 0, f"--threads must be >= 0 (0 = automatic), got {cfg.threads}")
-    need(cfg.pg_timeout > 0, f"--pg-timeout must be positive, got {cfg.pg_timeout}")
-    need(cfg.checkpoint_every_steps >= 0, f"--checkpoint-every-steps must be >= 0, got {cfg.checkpoint_every_steps}")
-    need(cfg.checkpoint_every_epochs >= 0,
-         f"--checkpoint-every-epochs must be >= 0 (0 = off), got {cfg.checkpoint_every_epochs}")
-    need(math.isfinite(cfg.checkpoint_every_seconds) and cfg.checkpoint_every_seconds >= 0,
-         f"--checkpoint-every-seconds must be >= 0 (0 = off), got {cfg.checkpoint_every_seconds}")
-    need(cfg.keep_checkpoints > 0, f"--keep-checkpoints must be positive, got {cfg.keep_checkpoints}")
-    need(cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}")
-    need(cfg.print_every > 0, f"--print-every must be positive, got {cfg.print_every}")
-    need(cfg.mistake == "" or cfg.mistake in BREAKS,
-         f"--break: unknown mistake {cfg.mistake!r} (choose from {', '.join(BREAKS)})")
-    need(cfg.mistake not in NEEDS_RANKS or world_size > 1,
-         f"--break {cfg.mistake} needs several ranks: launch with torchrun --nproc_per_node=2")
-    need(cfg.optimizer == "sgd" or cfg.momentum == 0, "--momentum applies to --optimizer sgd only")
-    need(cfg.model != "linear" or (not cfg.batchnorm and cfg.dropout == 0),
-         "--batchnorm and --dropout need a model with hidden layers, not --model linear")
-    need(cfg.run_name == "" or (os.sep not in cfg.run_name and cfg.run_name not in (".", "..")),
-         f"--run-name must be a plain name, not a path: {cfg.run_name!r}")
-    n_train, _ = split_sizes(cfg.n_samples, cfg.val_fraction)
-    need(cfg.limit_samples >= 0, f"--limit-samples must be >= 0 (0 = all), got {cfg.limit_samples}")
-    need(cfg.target_loss > 0, f"--target-loss must be positive, got {cfg.target_loss}")
-    if cfg.limit_samples:
-        need(cfg.limit_samples <= n_train,
-             f"--limit-samples {cfg.limit_samples} exceeds the {n_train} training samples")
-        n_train = cfg.limit_samples
-    need(n_train >= 1, f"--val-fraction {cfg.val_fraction} leaves no training samples out of {cfg.n_samples}")
+    yield cfg.break_ != "sum-loss" or cfg.grad_accum_steps == 1, "--break sum-loss needs --grad-accum-steps 1"
+    yield cfg.optimizer == "sgd" or cfg.momentum == 0, "--momentum applies to --optimizer sgd only"
+    yield (cfg.model != "linear" or (not cfg.batchnorm and cfg.dropout == 0),
+           "--batchnorm and --dropout need a model with hidden layers, not --model linear")
+    yield (cfg.run_name == "" or (os.sep not in cfg.run_name and cfg.run_name not in (".", "..")),
+           f"--run-name must be a plain name, not a path: {cfg.run_name!r}")
+    yield (dataset_shape(cfg.dataset, cfg.dim, cfg.classes) == (cfg.dim, cfg.classes),
+           f"--dim and --classes apply to the rule dataset; {cfg.dataset} is fixed at 2 dimensions and 2 classes")
+    n_train, n_val = split_sizes(cfg.n_samples, cfg.val_fraction)
+    yield (cfg.limit_samples <= n_train,
+           f"--limit-samples {cfg.limit_samples} exceeds the {n_train} training samples")
+    n_train = cfg.limit_samples or n_train
+    yield n_train >= 1, f"--val-fraction {cfg.val_fraction} leaves no training samples out of {cfg.n_samples}"
     shard = math.ceil(n_train / world_size)
-    need(cfg.batch_size <= shard,
-         f"--batch-size {cfg.batch_size} exceeds a rank's shard of {shard} training samples "
-         f"({n_train} over {world_size} rank(s))")
-    need(cfg.batch_size * cfg.grad_accum_steps <= shard,
-         f"--batch-size {cfg.batch_size} x --grad-accum-steps {cfg.grad_accum_steps} exceeds a rank's shard of "
-         f"{shard} training samples ({n_train} over {world_size} rank(s))")
-    need(dataset_shape(cfg.dataset, cfg.dim, cfg.classes) == (cfg.dim, cfg.classes),
-         f"--dim and --classes apply to the rule dataset; {cfg.dataset} is fixed at 2 dimensions and 2 classes")
+    yield (cfg.batch_size <= shard, f"--batch-size {cfg.batch_size} exceeds a rank's shard of {shard} training "
+           f"samples ({n_train} over {world_size} rank(s))")
+    step = cfg.batch_size * cfg.grad_accum_steps
+    yield (step <= shard, f"--batch-size {cfg.batch_size} x --grad-accum-steps {cfg.grad_accum_steps} exceeds a "
+           f"rank's shard of {shard} training samples ({n_train} over {world_size} rank(s))")
+    if cfg.batchnorm:
+        yield _batchnorm_rule(cfg, n_train, n_val, world_size)
+
+
+def _batchnorm_rule(cfg: Config, n_train: int, n_val: int, world_size: int) -> tuple[bool, str]:
+    """BatchNorm in train mode cannot normalise a batch of one sample (its variance is undefined): refuse any
+    layout whose micro-batches, on any rank, include one of a single sample. The same rule at every world size:
+    it looks at the per-rank micro-batches that world size produces."""
+    shard = n_train if cfg.break_ == "no-distributed-sampler" else math.ceil(n_train / world_size)
+    step = cfg.batch_size * cfg.grad_accum_steps
+    last_step = shard - (math.ceil(shard / step) - 1) * step
+    last_micro = last_step - (math.ceil(last_step / cfg.batch_size) - 1) * cfg.batch_size
+    if cfg.batch_size == 1 or last_micro == 1:
+        return False, (f"--batchnorm: a training micro-batch would hold 1 sample ({shard} samples per rank in "
+                       f"micro-batches of {cfg.batch_size}, steps of {step}); BatchNorm cannot normalise one sample "
+                       "in train mode: change --n-samples, --batch-size or --grad-accum-steps")
+    if cfg.break_ == "no-eval-mode":  # validation then runs in train mode too
+        val_shard = n_val // world_size  # the smallest rank's share once the padding is dropped
+        tail = val_shard - (math.ceil(val_shard / cfg.eval_batch_size) - 1) * cfg.eval_batch_size
+        if val_shard <= 1 or tail == 1:
+            return False, (f"--batchnorm with --break no-eval-mode: a validation batch would hold 1 sample "
+                           f"({n_val} validation samples over {world_size} rank(s)); change --n-samples, "
+                           "--val-fraction or --eval-batch-size")
+    return True, ""

@@ -46,6 +46,12 @@ def launch_env() -> tuple[int, int, int, int]:
     return rank, local_rank, world, local_world
 
 
+def print0(*args: object) -> None:
+    """print on rank 0 only: every rank runs the same code, and one voice is enough."""
+    if launch_env()[0] == 0:
+        print(*args, flush=True)
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")

@@ -1,7 +1,8 @@
-"""Where the numbers go: the console (rank 0 only), TensorBoard, metrics.jsonl, summary.json.
+"""Where the numbers go, and how to read them back: the console (rank 0 only), TensorBoard, metrics.jsonl,
+summary.json and config.toml under <runs-dir>/<run-name>/.
 
-Only rank 0 writes anything; the other ranks hold a logger that does nothing,
-so the loop calls it unconditionally.
+Only rank 0 writes anything; the other ranks hold a logger that does nothing, so the loop calls it
+unconditionally. `read_run` is the reader of the files RunLogger writes.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import psutil
+
+from spine.metrics import EpochMeter
 
 # TensorBoard's writer flushes to disk every 120 s by default anyway, so holding scalars for 10 s hides nothing.
 TB_HANDOFF_SECONDS = 10.0
@@ -46,9 +48,11 @@ def fmt_seconds(s: float) -> str:
 
 class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None,
-                 keep_epochs: int) -> None:
+                 keep_epochs: int, epochs: int = 0, print_every: int = 1) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
+        self.epochs, self.print_every = epochs, print_every  # the console's epoch lines and their ETA
+        self._started, self._first_epoch = time.perf_counter(), keep_epochs
         self.writer = None
         self._pending: list = []  # (step, Summary, walltime) not yet handed to the TensorBoard writer
         self._last_handoff = time.perf_counter()
@@ -124,13 +128,26 @@ class RunLogger:
         self._pending.clear()
         self._last_handoff = time.perf_counter()
 
-    def step_scalars(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
-        if self.writer:
-            self._scalars(step, {"step/train_loss": loss, "step/lr": lr, "step/grad_norm": grad_norm})
-
-    def epoch(self, record: dict) -> None:
+    def step(self, meter: EpochMeter, step: int, lr: float, epoch: int, elapsed: float, console: bool) -> None:
+        """The latest step's scalars for TensorBoard, every --log-every steps; a console line in long epochs."""
         if not self.enabled:
             return
+        losses, norms = meter.series(len(meter) - 1)
+        if self.writer:
+            self._scalars(step, {"step/train_loss": losses[0], "step/lr": lr, "step/grad_norm": norms[0]})
+        if console:
+            self.table_row({"epoch": epoch + 1, "step": step, "train_loss": losses[0], "lr": lr,
+                            "grad_norm": norms[0], "elapsed": fmt_seconds(elapsed)})
+
+    def epoch(self, record: dict, elapsed: float) -> None:
+        """One completed epoch: a metrics.jsonl line, TensorBoard scalars, and every --print-every a console line."""
+        if not self.enabled:
+            return
+        epoch = record["epoch"]
+        if epoch % self.print_every == 0 or epoch == self.epochs:
+            per_epoch = (time.perf_counter() - self._started) / max(1, epoch - self._first_epoch)
+            self.table_row(dict(record, **{"samples/s": record["samples_per_sec"]}, elapsed=fmt_seconds(elapsed),
+                                eta=fmt_seconds(per_epoch * (self.epochs - epoch))))
         record = dict(record, rss_mb=self._process.memory_info().rss / 2**20)
         self.metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
         self.metrics_file.flush()
@@ -140,9 +157,12 @@ class RunLogger:
                            "perf/epoch_seconds": record["epoch_seconds"], "perf/rss_mb": record["rss_mb"]})
             self._scalars(record["step"], values)
 
-    def partial_epoch(self, record: dict) -> None:
+    def partial_epoch(self, meter: EpochMeter, state) -> None:
         """The steps of an epoch that did not finish (a diverged run): to metrics.jsonl only."""
-        if self.enabled:
+        if self.enabled and len(meter):
+            step_losses, step_grad_norms = meter.series(0)
+            record = {"epoch": state.epoch + 1, "step": state.global_step, "partial": True, "train_loss": None,
+                      "step_losses": step_losses, "step_grad_norms": step_grad_norms}
             self.metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
             self.metrics_file.flush()
 
@@ -165,12 +185,18 @@ class RunLogger:
                 self.writer.add_scalar(k, v)
 
     def summary(self, summary: dict) -> None:
-        if not self.enabled:
-            return
-        path = self.run_dir / "summary.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, path)
+        self._write("summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def config(self, toml_text: str) -> None:
+        """config.toml: `train.py --config <it> --run-name B` replays this run."""
+        self._write("config.toml", toml_text)
+
+    def _write(self, name: str, text: str) -> None:
+        if self.enabled:
+            path = self.run_dir / name
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
 
     def flush(self) -> None:
         if self.enabled:
@@ -192,5 +218,14 @@ def now() -> float:
     return time.perf_counter()
 
 
-def warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    """summary.json and the rows of metrics.jsonl: one per completed epoch, then at most one row marked
+    "partial" holding the steps of an epoch that a divergence stopped (no epoch metrics in it)."""
+    summary_file, metrics_file = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    metrics = [json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln] if metrics_file.exists() else []
+    return summary, metrics
+
+
+def completed_epochs(metrics: list[dict]) -> list[dict]:
+    return [m for m in metrics if not m.get("partial")]

@@ -35,6 +35,10 @@ class EpochMeter:
     def __len__(self) -> int:
         return len(self.losses)
 
+    def clear(self) -> None:
+        """A new epoch: nothing recorded yet."""
+        self.losses, self.correct, self.grad_norms, self.sizes = [], [], [], []
+
     def record(self, loss: torch.Tensor, correct: torch.Tensor, grad_norm: torch.Tensor, size: int) -> None:
         self.losses.append(loss.detach())
         self.correct.append(correct)
@@ -99,6 +103,19 @@ class EpochMeter:
             "grad_norms": torch.stack(self.grad_norms).cpu(),
             "sizes": list(self.sizes),
         }
+
+    @staticmethod
+    def merge(states: list[dict]) -> dict:
+        """Several ranks' partial epochs as one rank's (a resume at another world size): per step, the loss is the
+        size-weighted mean over ranks, correct counts and sizes add up, the grad norm (equal on every rank after the
+        all-reduce) is rank 0's. The epoch's totals then reduce to the same values, up to float rounding."""
+        if len(states) == 1 or not len(states[0]["losses"]):
+            return states[0]
+        sizes = torch.tensor([s["sizes"] for s in states], dtype=torch.float64)  # ranks x steps
+        losses = torch.stack([s["losses"].double() for s in states])
+        return {"losses": ((losses * sizes).sum(0) / sizes.sum(0)).float(),
+                "correct": torch.stack([s["correct"] for s in states]).sum(0),
+                "grad_norms": states[0]["grad_norms"], "sizes": [int(n) for n in sizes.sum(0).tolist()]}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.losses = list(state["losses"].to(device).unbind())

@@ -1,58 +1,28 @@
-"""Launch train.py as a real process (python or torchrun) and spawn real gloo ranks, always with a timeout."""
+"""Launch train.py through the project's one runner, and spawn real gloo ranks of a function, always with a timeout."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "train.py")
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+from launch.runner import ROOT, TORCHRUN, TRAIN, RunRecord, run
 
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-    run_dir: Path
-    ckpt_dir: Path
-
-    @property
-    def summary(self) -> dict:
-        return json.loads((self.run_dir / "summary.json").read_text())
-
-    @property
-    def metrics(self) -> list[dict]:
-        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line]
-
-    def step_losses(self) -> list[float]:
-        return [loss for m in self.metrics for loss in m["step_losses"]]
-
-    def weights(self, name: str = "last.pt") -> dict:
-        return torch.load(self.ckpt_dir / name, weights_only=True)["model"]
+__all__ = ["ROOT", "TORCHRUN", "TRAIN", "free_port", "run_train", "spawn_ranks"]
 
 
 def run_train(tmp: Path, args: list[str], world: int = 1, name: str = "run", timeout: float = 120,
-              extra_env: dict | None = None, torchrun_args: list[str] = ()) -> Result:
-    """Run train.py with outputs under `tmp`; world > 1 goes through torchrun --standalone (plus `torchrun_args`)."""
-    outputs = ["--runs-dir", str(tmp / "runs"), "--checkpoints-dir", str(tmp / "checkpoints"), "--run-name", name]
-    if world == 1:
-        cmd = [sys.executable, TRAIN]
-    else:
-        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={world}", *torchrun_args, TRAIN]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(cmd + outputs + args, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
-    return Result(proc.returncode, proc.stdout, proc.stderr, tmp / "runs" / name, tmp / "checkpoints" / name)
+              extra_env: dict | None = None, torchrun_args: tuple[str, ...] = (),
+              in_process: bool | None = None) -> RunRecord:
+    """train.py with outputs under `tmp` (run in `tmp`): world 1 in this process unless a fault is injected (a
+    SIGKILL must not take pytest with it) or in_process=False; world > 1 through torchrun --standalone."""
+    if in_process is None:
+        in_process = world == 1 and not extra_env and not torchrun_args
+    return run(args, tmp, name, world, in_process=in_process, torchrun_args=tuple(torchrun_args), env=extra_env,
+               cwd=tmp, timeout=timeout)
 
 
 def free_port() -> int:
@@ -91,4 +61,5 @@ def spawn_ranks(fn, world: int, *args, timeout: float = 60) -> list:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
     return [results[r] for r in range(world)]

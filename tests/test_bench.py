@@ -35,6 +35,7 @@ def _world2(rank: int, world: int, scratch: str) -> list[dict]:
     return _run(["bare", "train.py"], "tiny", folder, world)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
     rows = _run(WORLD1_KINDS, "tiny", tmp_path, 1)

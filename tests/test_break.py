@@ -13,10 +13,11 @@ import torch
 from tests.helpers import ROOT, spawn_ranks
 
 
+@pytest.mark.experiment
 @pytest.mark.timeout(420)
 def test_every_break_shows_its_expected_symptom_and_the_baselines_none(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "break_all.py"), "--out", str(tmp_path),
-                           "--no-tensorboard"], capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([sys.executable, "-m", "launch.break_all", "--out", str(tmp_path), "--no-tensorboard"],
+                          capture_output=True, text=True, timeout=400, cwd=ROOT)
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == 15
     for name, r in results.items():
@@ -37,6 +38,7 @@ def _diverge(rank: int, world: int, tmp: str) -> int:
                  "--runs-dir", f"{tmp}/runs", "--checkpoints-dir", f"{tmp}/ck", "--run-name", "nan"])
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_divergence_stops_every_rank_at_the_same_step_and_saves_nothing_non_finite(tmp_path, capfd):
     assert spawn_ranks(_diverge, 2, str(tmp_path)) == [3, 3]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import TRAIN, run_train, spawn_ranks
 from train import main
@@ -59,8 +60,6 @@ def test_unreadable_resume_file_is_a_usage_error(tmp_path, capsys):
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert main(["--device", "cuda", "--runs-dir", str(tmp_path / "runs")]) == 2
@@ -86,6 +85,7 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(60)
 def test_torchrun_fails_with_one_message(tmp_path):
     r = run_train(tmp_path, ["--global-batch-size", "33"], world=2)
@@ -102,6 +102,7 @@ def _main_with_bad_flag(rank: int, world: int, tmp: str) -> int:
     return main(["--global-batch-size", "33", "--runs-dir", f"{tmp}/runs"])
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(60)
 def test_every_rank_exits_2_on_its_own(tmp_path):
     """Without torchrun killing the slower rank, each rank reaches exit code 2 by itself."""
@@ -109,21 +110,132 @@ def test_every_rank_exits_2_on_its_own(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def _declared_flags() -> list[str]:
+    from spine.config import build_parser
+
+    return [s for a in build_parser()._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+
+
 def test_help_documents_every_flag(capsys):
     assert main(["--help"]) in (0, None)  # @record turns argparse's SystemExit(0) into a plain return
     text = capsys.readouterr().out
-    for flag in ("--dataset --n-samples --val-fraction --noise --dim --classes --model --hidden --dropout --batchnorm "
-                 "--optimizer --lr --momentum --weight-decay --schedule --warmup-steps --grad-clip --epochs "
-                 "--batch-size --global-batch-size --seed --device --threads --run-name --runs-dir "
-                 "--checkpoints-dir --resume --checkpoint-every-steps --log-every").split():
+    flags = _declared_flags()
+    assert len(flags) > 40 and "--config" in flags and "--no-tensorboard" in flags
+    for flag in flags:
         assert re.search(rf"{flag}\b", text), flag
 
 
 def test_readme_documents_every_flag():
-    from spine.config import build_parser
     from tests.helpers import ROOT
 
     readme = (ROOT / "README.md").read_text()
-    flags = [s for a in build_parser()._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+    flags = _declared_flags()
     missing = [f for f in flags if f"`{f}" not in readme]
     assert not missing, f"README does not mention {missing}"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_batchnorm_refuses_a_one_sample_batch_at_every_world_size(world):
+    from spine.config import parse_config
+    from spine.errors import UsageError
+
+    # 201 samples: 161 training samples. World 1, steps of 32: the last holds 1. World 2, 16 per rank: 81 per
+    # rank (one padded), the last step holds 1 on each rank.
+    with pytest.raises(UsageError, match="--batchnorm: a training micro-batch would hold 1 sample"):
+        parse_config(["--batchnorm", "--n-samples", "201", "--global-batch-size", "32"], world_size=world)
+    parse_config(["--n-samples", "201", "--global-batch-size", "32"], world_size=world)  # fine without BatchNorm
+    parse_config(["--batchnorm", "--n-samples", "205", "--global-batch-size", "32"], world_size=world)
+    # Accumulation: 160 per rank in micro-batches of 3 leaves a last micro-batch of 1.
+    with pytest.raises(UsageError, match="micro-batches of 3"):
+        parse_config(["--batchnorm", "--n-samples", "200", "--batch-size", "3", "--grad-accum-steps", "2"], 1)
+
+
+def test_batchnorm_on_a_one_sample_tail_is_exit_2_and_writes_nothing(tmp_path, capsys):
+    assert main(["--batchnorm", "--n-samples", "201", "--runs-dir", str(tmp_path / "runs"), "--checkpoints-dir",
+                 str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "BatchNorm cannot normalise one sample" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content,expected", [
+    (None, "no such file"),
+    ("lr = = 3", "not valid TOML"),
+    ("learning-rate = 0.1", "unknown key 'learning-rate'"),
+    ("lr = 'fast'", "key 'lr': expected a number, got 'fast'"),
+    ("epochs = 2.5", "key 'epochs': expected an integer, got 2.5"),
+    ("batchnorm = 1", "key 'batchnorm': expected true or false, got 1"),
+    ("hidden = [64, -1]", "key 'hidden': expected a list of positive integers"),
+    ("lr = -1.0", "--lr must be a positive number, got -1.0"),
+], ids=["missing", "not-toml", "unknown-key", "string-for-float", "float-for-int", "int-for-bool", "bad-list",
+        "checked-like-a-flag"])
+def test_bad_config_files_are_one_line_exit_2_naming_file_and_key(tmp_path, capsys, content, expected):
+    path = tmp_path / "cfg.toml"
+    if content is not None:
+        path.write_text(content + "\n")
+    assert main(["--config", str(path), "--runs-dir", str(tmp_path / "runs"), "--checkpoints-dir",
+                 str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    if "must be" not in expected:
+        assert str(path) in err[0]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ck").exists()
+
+
+def test_a_runs_config_toml_replays_it_bit_identically_and_flags_win_over_the_file(tmp_path):
+    args = ["--epochs", "3", "--dropout", "0.1", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9",
+            "--hidden", "16,8", "--no-tensorboard", "--threads", "1"]
+    first = run_train(tmp_path, args, name="A")
+    assert first.returncode == 0, first.output
+    config = first.run_dir / "config.toml"
+    assert 'hidden = [16, 8]' in config.read_text() and "tensorboard = false" in config.read_text()
+    replay = run_train(tmp_path, ["--config", str(config)], name="B")
+    assert replay.returncode == 0, replay.output
+    a, b = first.weights(), replay.weights()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert replay.summary["config"] == dict(first.summary["config"], **{"run-name": "B"})
+    changed = run_train(tmp_path, ["--config", str(config), "--lr", "0.02"], name="C")
+    assert changed.returncode == 0 and changed.summary["config"]["lr"] == 0.02
+    assert not all(torch.equal(a[k], changed.weights()[k]) for k in a)
+
+
+def test_config_keys_are_the_flag_names():
+    from spine.config import Config
+
+    keys = set(Config().to_dict())
+    flags = set(_declared_flags())
+    assert all(f"--{key}" in flags for key in keys)
+    assert {"break", "tensorboard", "batch-size"} <= keys and "mistake" not in keys
+
+
+def test_readme_loop_tables_point_at_lines_of_train_py():
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The loop, step by step"):readme.index("### The parts behind the loop")]
+    source = (ROOT / "train.py").read_text()
+    snippets = [re.match(r"\| [^|]+ \| `([^`]+)`", line)[1] for line in section.splitlines()
+                if re.match(r"\| [^|]+ \| `", line)]
+    assert len(snippets) >= 15
+    for snippet in snippets:
+        assert snippet in source, f"README's loop table cites a line train.py no longer has: {snippet}"
+
+
+def test_readme_break_table_is_the_registry():
+    from spine.breaks import BREAKS
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### `--break NAME`"):readme.index("## Scaling")]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    expected = [f"| `{m.name}` | {m.mistake} | {m.ranks} | {', '.join(f'`{x}`' for x in sorted(m.symptoms))} |"
+                for m in BREAKS.values()]
+    assert rows == expected
+
+
+def test_help_lists_every_mistake_of_the_registry(capsys):
+    from spine.breaks import BREAKS
+
+    main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in BREAKS)

@@ -7,32 +7,65 @@ import math
 import pytest
 import torch
 
+from data import fingerprint
+from launch.runner import run_many
 from tests.helpers import run_train, spawn_ranks
 
 # 160 training samples: 5 steps per epoch at a global batch of 32, so 5 epochs = 25 steps.
 COMMON = ["--dataset", "moons", "--n-samples", "200", "--epochs", "5", "--no-tensorboard", "--seed", "3"]
+OPTIMIZERS = {
+    "sgd": ["--optimizer", "sgd", "--lr", "0.1", "--momentum", "0.9"],
+    "adam": ["--optimizer", "adam", "--lr", "0.01"],
+    # The grad norm here is ~0.1-1: a clip at 0.05 acts on every step, and it must act on the all-reduced gradient.
+    "sgd-clipped": ["--optimizer", "sgd", "--lr", "0.1", "--momentum", "0.9", "--grad-clip", "0.05"],
+}
+TOLERANCE = {"rtol": 1.3e-6, "atol": 1e-5}
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("optimizer", [["--optimizer", "sgd", "--lr", "0.1", "--momentum", "0.9"],
-                                       ["--optimizer", "adam", "--lr", "0.01"]], ids=["sgd", "adam"])
-def test_world2_equals_world1_on_the_same_global_batch(tmp_path, optimizer):
-    ddp = run_train(tmp_path, COMMON + optimizer + ["--batch-size", "16"], world=2, name="ddp")
-    single = run_train(tmp_path, COMMON + optimizer + ["--batch-size", "32"], world=1, name="single")
-    assert ddp.returncode == 0, ddp.stderr
-    assert single.returncode == 0, single.stderr
+@pytest.fixture(scope="module")
+def world2_runs(tmp_path_factory):
+    """Every world-2 run of this module in one torchrun job: the optimizers at 16 per rank, and BatchNorm."""
+    out = tmp_path_factory.mktemp("world2")
+    runs = [(COMMON + flags + ["--batch-size", "16"], name) for name, flags in OPTIMIZERS.items()]
+    runs.append((COMMON + ["--batchnorm", "--batch-size", "16"], "batchnorm"))
+    return {r.name: r for r in run_many(runs, out, world=2)}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_world2_equals_world1_on_the_same_global_batch(tmp_path, world2_runs, optimizer):
+    ddp = world2_runs[optimizer]
+    single = run_train(tmp_path, COMMON + OPTIMIZERS[optimizer] + ["--batch-size", "32"], name="single")
+    assert ddp.returncode == 0, ddp.output
+    assert single.returncode == 0, single.output
     assert ddp.summary["global_step"] == single.summary["global_step"] == 25
     a, b = ddp.weights(), single.weights()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1.3e-6, atol=1e-5, msg=name)
+        torch.testing.assert_close(a[name], b[name], **TOLERANCE, msg=name)
     # Replicas stay bitwise identical: DDP applies the same averaged gradient on every rank.
     checksums = ddp.summary["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
 
     # Control: the comparison is sensitive. Half the global batch gives visibly different weights.
-    half = run_train(tmp_path, COMMON + optimizer + ["--batch-size", "16"], world=1, name="half")
-    assert half.returncode == 0, half.stderr
-    assert any(not torch.allclose(half.weights()[k], b[k], rtol=1.3e-6, atol=1e-5) for k in b)
+    half = run_train(tmp_path, COMMON + OPTIMIZERS[optimizer] + ["--batch-size", "16"], name="half")
+    assert half.returncode == 0, half.output
+    assert any(not torch.allclose(half.weights()[k], b[k], **TOLERANCE) for k in b)
+    if optimizer == "sgd-clipped":  # and the clip really changed the run
+        unclipped = world2_runs["sgd"].weights()
+        assert any(not torch.allclose(unclipped[k], a[k], **TOLERANCE) for k in a)
+
+
+@pytest.mark.distributed
+def test_replica_checksums_cover_the_batchnorm_buffers_and_agree(world2_runs):
+    run = world2_runs["batchnorm"]
+    assert run.returncode == 0, run.output
+    state = run.weights()
+    assert any("running_mean" in k for k in state)
+    checksums = run.summary["replica_checksums"]
+    # The checksum is of the whole state_dict, buffers included: it equals the saved weights' and buffers' own.
+    assert checksums == [fingerprint(*state.values())] * 2
+    assert fingerprint(*state.values()) != fingerprint(*(v for k, v in state.items() if "running" not in k))
 
 
 def _evaluate_on_ranks(rank: int, world: int, sizes: list[int]) -> list[tuple[float, float]]:
@@ -48,6 +81,7 @@ def _evaluate_on_ranks(rank: int, world: int, sizes: list[int]) -> list[tuple[fl
         return [evaluate(model, x[:n], y[:n], ctx, batch_size=2) for n in sizes]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_validation_is_exact(world):
@@ -67,6 +101,7 @@ def test_distributed_validation_is_exact(world):
         assert math.isclose(loss, ref_loss, rel_tol=1e-6), f"n={n}: {loss} vs {ref_loss}"
 
 
+@pytest.mark.unit
 def test_padding_would_bias_the_metric():
     """The case above is not vacuous: counting DistributedSampler's padding changes the answer for 7 on 2 ranks."""
     from torch.utils.data import DistributedSampler
@@ -84,6 +119,7 @@ def _main_with_data_seed(rank: int, world: int, tmp: str) -> int:
                  "--checkpoints-dir", f"{tmp}/ck", "--no-tensorboard"])
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_ranks_with_different_data_fail_fast(tmp_path, capfd):
     codes = spawn_ranks(_main_with_data_seed, 2, str(tmp_path))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from torch.utils.data import DistributedSampler
+import torch
 
+from spine.distributed import DistContext
 from tests.helpers import run_train
+from train import train_sampler
 
 ARGS = ["--epochs", "3", "--no-tensorboard", "--dropout", "0.1"]
 
@@ -22,6 +24,7 @@ def test_same_seed_gives_bit_identical_losses_another_seed_does_not(tmp_path):
     assert a.step_losses() != c.step_losses()
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(60)
 def test_each_epoch_visits_the_data_in_a_new_order(tmp_path):
     run = run_train(tmp_path, ARGS + ["--epochs", "4"], world=2)
@@ -32,11 +35,12 @@ def test_each_epoch_visits_the_data_in_a_new_order(tmp_path):
 
 @pytest.mark.parametrize("n,world", [(160, 2), (161, 2), (100, 3)])
 def test_shards_are_disjoint_and_cover_the_data(n, world):
-    # Constructed exactly as train.py constructs its training sampler.
+    # train.py's own sampler, for each rank of each world size.
     for epoch in range(3):
         shards = []
         for rank in range(world):
-            s = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=0)
+            ctx = DistContext(rank, rank, world, world, torch.device("cpu"), "gloo", 1)
+            s = train_sampler(n, ctx, seed=0)
             s.set_epoch(epoch)
             shards.append(list(s))
         assert len({len(s) for s in shards}) == 1  # equal shard sizes keep DDP's gradient average exact

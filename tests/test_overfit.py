@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from spine.experiment import run_in_process
+from launch.runner import ROOT, run
 from spine.symptoms import outcome
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
 
 
 @pytest.fixture(scope="module")
 def ten_seeds(tmp_path_factory):
-    from overfit_seeds import seed_table
+    from launch.overfit_seeds import seed_table
 
     out = tmp_path_factory.mktemp("seeds")
     table, ok = seed_table(out, 10, [])
@@ -46,7 +41,7 @@ def test_initial_loss_is_ln_k(ten_seeds):
 
 @pytest.mark.timeout(60)
 def test_a_single_batch_is_memorised_within_a_few_dozen_steps(tmp_path):
-    r = run_in_process(["--limit-samples", "8", "--batch-size", "8", "--epochs", "40", "--no-tensorboard"],
+    r = run(["--limit-samples", "8", "--batch-size", "8", "--epochs", "40", "--no-tensorboard"],
                        tmp_path, "one-batch")
     assert r.returncode == 0, r.output
     assert r.summary["global_step"] == 40
@@ -54,20 +49,11 @@ def test_a_single_batch_is_memorised_within_a_few_dozen_steps(tmp_path):
 
 
 def test_the_committed_checkpoint_still_memorises_the_committed_data():
-    """Rebuilds model and data from the config inside the checkpoint: a silent change to either fails here."""
-    from data import build_dataset
-    from models import build_model
-    from spine.config import Config
+    """Rebuilds model and data from the config inside it: a silent change to either fails here."""
+    from spine.checkpoint import load_for_eval
 
-    state = torch.load(ROOT / "checkpoints" / "overfit" / "last.pt", weights_only=True)
-    cfg = Config.from_dict(state["config"])
-    data = build_dataset(cfg.dataset, cfg.n_samples, cfg.val_fraction, cfg.noise, cfg.dim, cfg.classes,
-                         cfg.data_seed, cfg.order)
+    model, _, data, state = load_for_eval(ROOT / "checkpoints" / "overfit.pt")
     assert data.fingerprint == state["dataset_fingerprint"], "data generation changed since the checkpoint"
-    model = build_model(cfg.model, data.in_dim, data.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
-                        cfg.batchnorm)
-    model.load_state_dict(state["model"])
-    model.eval()
     with torch.no_grad():
         logits = model(data.train_x)
     assert torch.nn.functional.cross_entropy(logits, data.train_y).item() <= 1e-3
@@ -76,11 +62,11 @@ def test_the_committed_checkpoint_still_memorises_the_committed_data():
 
 @pytest.mark.timeout(60)
 def test_study_outcomes_name_divergence_and_underfitting(tmp_path):
-    diverging = run_in_process(["--optimizer", "sgd", "--lr", "10", "--epochs", "20", "--no-tensorboard"],
+    diverging = run(["--optimizer", "sgd", "--lr", "10", "--epochs", "20", "--no-tensorboard"],
                                tmp_path, "huge-lr")
     assert diverging.returncode == 3
     assert outcome(diverging.summary, diverging.metrics) == "diverges"
-    narrow = run_in_process(["--hidden", "1,1", "--epochs", "40", "--no-tensorboard"], tmp_path, "narrow")
+    narrow = run(["--hidden", "1,1", "--epochs", "40", "--no-tensorboard"], tmp_path, "narrow")
     assert outcome(narrow.summary, narrow.metrics).startswith("underfits")
-    healthy = run_in_process(["--epochs", "40", "--no-tensorboard"], tmp_path, "healthy")
+    healthy = run(["--epochs", "40", "--no-tensorboard"], tmp_path, "healthy")
     assert outcome(healthy.summary, healthy.metrics).startswith("converges")

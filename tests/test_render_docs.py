@@ -1,10 +1,6 @@
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-from render_docs import render  # noqa: E402
+from launch.render_docs import render
 
 
 def test_only_the_generated_block_changes_and_twice_is_the_same(tmp_path):

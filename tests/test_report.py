@@ -1,14 +1,10 @@
 """make report's machinery on one small, fast producer: what runs, what gets filled, what is refused."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-from report import Producer, plan, regenerate  # noqa: E402
+from launch.report import DOCUMENTS, PRODUCERS, REPO, Producer, cited_files, owner, plan, regenerate
 
-QUICK_OVERFITTING = Producer("overfitting", "overfitting.py", "reports/overfitting", ("reports/overfitting/",),
+QUICK_OVERFITTING = Producer("overfitting", "overfitting", "reports/overfitting", ("reports/overfitting/",),
                              ("--epochs", "12"))
 DOC = """# Doc
 Prose the report must not touch.
@@ -45,8 +41,6 @@ def test_a_cited_file_that_nothing_produces_is_refused(tmp_path):
 
 
 def test_every_file_the_real_documents_cite_has_exactly_one_producer():
-    from report import DOCUMENTS, PRODUCERS, REPO, cited_files, owner
-
     cited = [c for doc in DOCUMENTS for c in cited_files((REPO / doc).read_text())]
     assert len(cited) > 10
     for path in cited:

@@ -55,6 +55,7 @@ def test_four_micro_batches_of_8_equal_one_batch_of_32_at_world_1(tmp_path, one_
     assert any(not torch.allclose(small.weights()[k], v, **TIGHT) for k, v in one_big_batch.weights().items())
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_two_ranks_accumulating_equal_one_batch_of_32(tmp_path, one_big_batch):
     ddp = run_train(tmp_path, COMMON + ["--global-batch-size", "32", "--grad-accum-steps", "2"], world=2, name="ddp")
@@ -81,39 +82,49 @@ def test_a_resume_may_change_how_the_global_batch_is_reached_but_not_its_size(tm
     assert "global batch of 32, this run 16" in smaller.stderr
 
 
-def _accumulate_on_ranks(rank: int, world: int, k: int, b: int) -> list[bool]:
-    """Accumulate k micro-batches the way train.py does; after each backward, does .grad match the reference?"""
-    import torch.nn.functional as F
+def _one_step_on_ranks(rank: int, world: int, k: int, b: int) -> tuple[bool, list[int]]:
+    """train.py's own forward_backward over k micro-batches of b per rank, against one process holding the whole
+    global batch: (does .grad match the reference's, and at which backward pass did the all-reduce fire?)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from spine.distributed import distributed_session, grad_sync
+    from spine.distributed import distributed_session
+    from train import forward_backward
 
     with distributed_session("cpu", 1, 30):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
         reference = copy.deepcopy(model)
-        ddp = DDP(model)
         gen = torch.Generator().manual_seed(1)
-        x, y = torch.randn(world * k * b, 5, generator=gen), torch.randint(0, 3, (world * k * b,), generator=gen)
+        data = SimpleNamespace(train_x=torch.randn(world * k * b, 5, generator=gen),
+                               train_y=torch.randint(0, 3, (world * k * b,), generator=gen))
         # The reference sees the whole global batch in one process: the gradient of its mean loss.
-        F.cross_entropy(reference(x), y).backward()
+        torch.nn.functional.cross_entropy(reference(data.train_x), data.train_y).backward()
+        backward_passes, fired_at = [0], []
+        model[0].weight.register_hook(lambda grad: backward_passes.__setitem__(0, backward_passes[0] + 1))
+
+        def counting_allreduce(process_group, bucket):  # the default all-reduce, noting when it runs
+            fired_at.append(backward_passes[0])
+            return allreduce_hook(process_group, bucket)
+
+        ddp = DDP(model)
+        ddp.register_comm_hook(None, counting_allreduce)
         # This rank's rows, laid out as DistributedSampler lays them out (rank, rank + world, ...).
-        mine_x, mine_y = x[rank::world], y[rank::world]
-        matches = []
-        for i, micro in enumerate(torch.arange(k * b).split(b)):
-            with grad_sync(ddp, sync=i == k - 1):
-                loss = F.cross_entropy(ddp(mine_x[micro]), mine_y[micro]) * (len(micro) / (k * b))
-                loss.backward()
-            matches.append(all(torch.allclose(p.grad, r.grad, rtol=1e-5, atol=1e-7)
-                               for p, r in zip(model.parameters(), reference.parameters(), strict=True)))
-        return matches
+        forward_backward(ddp, torch.nn.CrossEntropyLoss(), data, torch.arange(rank, world * k * b, world), b)
+        matches = all(torch.allclose(p.grad, r.grad, rtol=1e-5, atol=1e-7)
+                      for p, r in zip(model.parameters(), reference.parameters(), strict=True))
+        return matches, fired_at
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_gradients_differ_before_the_synced_micro_batch_and_match_after_it():
-    """As PyTorch's own no_sync test: local partial sums until the last micro-batch, the global mean after it."""
-    per_rank = spawn_ranks(_accumulate_on_ranks, 2, 3, 4)
-    assert per_rank == [[False, False, True], [False, False, True]]
+def test_micro_batches_all_reduce_once_on_the_last_and_give_the_global_batch_gradient():
+    """As PyTorch's own no_sync test, on train.py's real step: the first k-1 backward passes stay local (no_sync),
+    the all-reduce fires during the k-th, and the result is the gradient of the global batch's mean loss."""
+    per_rank = spawn_ranks(_one_step_on_ranks, 2, 3, 4)
+    assert per_rank == [(True, [3]), (True, [3])]
 
 
 def test_grad_sync_is_a_no_op_without_ddp():
@@ -135,6 +146,7 @@ def _node(tmp: Path, port: int, node_rank: int, args: list[str]) -> subprocess.P
     return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(150)
 def test_two_torchrun_nodes_equal_one_node_with_two_processes(tmp_path):
     args = ["--dataset", "moons", "--n-samples", "200", "--epochs", "3", "--global-batch-size", "32",
@@ -188,10 +200,11 @@ def test_a_diverged_run_declares_the_same_hparams_metrics(tmp_path):
     assert sorted(tags) == ["hparam/diverged", "hparam/train_loss", "hparam/val_loss"]
 
 
+@pytest.mark.experiment
 @pytest.mark.timeout(300)
 def test_the_sweep_runs_measures_and_reports_on_a_tiny_config(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "scale.py"), "--size", "tiny", "--out",
-                           str(tmp_path), "--worlds", "1,2"], capture_output=True, text=True, timeout=280)
+    proc = subprocess.run([sys.executable, "-m", "launch.scale", "--size", "tiny", "--out", str(tmp_path),
+                           "--worlds", "1,2"], capture_output=True, text=True, timeout=280, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "runs.csv").open()))
     assert {r["group"] for r in rows} == {"data", "batch", "world", "accum"}
@@ -215,5 +228,5 @@ def test_the_sweep_runs_measures_and_reports_on_a_tiny_config(tmp_path):
         assert (tmp_path / f"{png}.png").stat().st_size > 10_000, png
     # Every run is in TensorBoard's HParams dashboard with its configuration and outcomes.
     session, tags = _hparams_records(tmp_path / "scale-runs" / "runs" / rows[-1]["name"])
-    assert session["world_size"] == float(rows[-1]["world"]) and session["grad_accum_steps"] > 1
+    assert session["world_size"] == float(rows[-1]["world"]) and session["grad-accum-steps"] > 1
     assert {"hparam/train_loss", "hparam/val_loss", "hparam/diverged", "hparam/train_samples_per_sec"} <= set(tags)
