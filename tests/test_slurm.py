@@ -322,14 +322,20 @@ def test_two_node_job_matches_torchrun_standalone(cluster, uninterrupted):
         torch.testing.assert_close(a[name], b[name], **TIGHT, msg=name)
 
 
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # ended meanwhile
+        return []
+
+
 def freeze_training(cluster: Cluster, job_id: str) -> None:
     """SIGSTOP the job's torchrun agents and train.py ranks, on both nodes: the run stops exactly where it is.
 
     The run's training part takes seconds, so killing it "mid-run" by timing alone would race its end;
     frozen, it is certainly mid-run when the kill or the signal arrives. Slurm sends SIGCONT before it kills.
     """
-    pids = [pid for pid in cluster.processes(SLURM_JOB_ID=job_id)
-            if any(arg.endswith("train.py") for arg in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0"))]
+    pids = [pid for pid in cluster.processes(SLURM_JOB_ID=job_id) if any(a.endswith("train.py") for a in cmdline(pid))]
     assert len(pids) >= 4, f"expected 2 agents and 2 ranks of job {job_id}, found pids {pids}"
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)  # a checkpoint write in progress stays half-done: the resume must cope
@@ -347,7 +353,9 @@ def test_requeued_job_resumes_and_ends_bit_identical(cluster, uninterrupted, tmp
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
 
-    cluster.wait_for(job_id, lambda j: newest_checkpoint_step(tmp_path, "requeued") > 0, "at a checkpoint")
+    running = cluster.wait_for(job_id, lambda j: newest_checkpoint_step(tmp_path, "requeued") > 0
+                               or j["JobState"] in TERMINAL_STATES, "at a checkpoint")
+    assert running["JobState"] == "RUNNING", tail(cluster.output(job_id), 40)
     freeze_training(cluster, job_id)
     killed_at = newest_checkpoint_step(tmp_path, "requeued")
     assert 0 < killed_at < TOTAL_STEPS and not (tmp_path / "runs" / "requeued" / "summary.json").exists()
