@@ -43,7 +43,7 @@ TIGHT = {"rtol": 1.3e-6, "atol": 1e-6}
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED"}
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.distributed]
 
 
 def free_port() -> int:
