@@ -1,0 +1,7 @@
+"""Opt-in instruments for the loop.
+
+Each module has one small interface and no import of train.py; the loop calls
+them at its own cadence:
+
+- sharpness:   top Hessian eigenvalue of the training loss (power iteration on Hessian-vector products)
+"""
