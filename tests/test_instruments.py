@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian
+from torch.func import functional_call, grad, hessian, vmap
 
+from spine.instruments.noise_scale import (
+    MicroBatchGradNoise,
+    NoiseScaleEstimator,
+    two_batch_estimates,
+)
 from spine.instruments.sharpness import top_hessian_eigenvalue
 
 
@@ -145,3 +153,159 @@ def test_training_with_sharpness_measurements_is_bit_identical_to_training_witho
         return [p.detach() for p in model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(train(False), train(True), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------- noise scale
+
+
+def noise_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+
+
+def exact_noise_scale(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """tr(Sigma) / |G|^2 from every per-example gradient (torch.func: vmap over grad), in float64."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def one_loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per_example = vmap(grad(one_loss), in_dims=(None, 0, 0))(params, x, y)
+    flat = torch.cat([g.reshape(len(x), -1) for g in per_example.values()], 1).double()
+    mean = flat.mean(0)
+    trace_sigma = ((flat - mean) ** 2).sum(1).mean().item()  # population covariance of the n per-example grads
+    g2 = mean.dot(mean).item()
+    return {"b_simple": trace_sigma / g2, "g2": g2, "trace_sigma": trace_sigma}
+
+
+@pytest.fixture(scope="module")
+def noise_problem() -> dict:
+    """4,000 noisy-teacher samples and an MLP after 20 Adam steps: B_simple ~ 60, between b = 32 and B = 256
+    (at initialisation it is ~ 9, below both batch sizes, where the two-batch estimate says little)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    x = torch.randn(4000, 8, generator=g)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    with torch.no_grad():
+        y = teacher(x).argmax(1)
+    flip = torch.rand(4000, generator=g) < 0.2
+    y[flip] = torch.randint(0, 4, (int(flip.sum()),), generator=g)
+    model = noise_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(20):
+        idx = torch.randint(0, 4000, (64,), generator=g)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        optimizer.step()
+    exact = exact_noise_scale(model, x, y)
+    assert 32 < exact["b_simple"] < 256, exact
+    return {"state": copy.deepcopy(model.state_dict()), "x": x, "y": y, "exact": exact}
+
+
+def sq_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return sum(p.grad.double().square().sum() for p in model.parameters()).item()
+
+
+def test_two_batch_estimates_recover_g2_and_trace_from_exact_expectations():
+    # E|G_b|^2 = |G|^2 + tr/b exactly: the formulas must invert it.
+    g2, trace = 0.5, 30.0
+    est_g2, est_trace = two_batch_estimates(g2 + trace / 32, 32, g2 + trace / 256, 256)
+    assert math.isclose(est_g2, g2, rel_tol=1e-12) and math.isclose(est_trace, trace, rel_tol=1e-12)
+    with pytest.raises(ValueError):
+        two_batch_estimates(1.0, 64, 1.0, 32)
+
+
+def test_noise_scale_estimator_matches_per_example_gradients(noise_problem):
+    model = noise_mlp()
+    model.load_state_dict(noise_problem["state"])
+    x, y = noise_problem["x"], noise_problem["y"]
+    g = torch.Generator().manual_seed(1)
+    estimator = NoiseScaleEstimator(ema=0.99)
+    assert estimator.result() == {"b_simple": None, "g2": None, "trace_sigma": None}
+    for _ in range(300):  # independent draws of b = 32 and B = 256
+        perm = torch.randperm(len(x), generator=g)
+        small, big = perm[:32], perm[32:288]
+        estimator.update(sq_grad_norm(model, x[small], y[small]), 32, sq_grad_norm(model, x[big], y[big]), 256)
+    exact = noise_problem["exact"]["b_simple"]
+    measured = estimator.result()["b_simple"]
+    print(f"B_simple: estimator {measured:.1f}, exact {exact:.1f}")
+    assert rel_err(measured, exact) < 0.25, (measured, exact)
+
+
+def test_noise_scale_estimator_state_dict_resumes_exactly():
+    g = torch.Generator().manual_seed(2)
+    draws = [(1.0 + torch.rand((), generator=g).item(), 0.2 + 0.1 * torch.rand((), generator=g).item())
+             for _ in range(10)]
+    straight = NoiseScaleEstimator(ema=0.9)
+    for small, big in draws:
+        straight.update(small, 32, big, 256)
+    first = NoiseScaleEstimator(ema=0.9)
+    for small, big in draws[:5]:
+        first.update(small, 32, big, 256)
+    buffer = io.BytesIO()
+    torch.save({"noise": first.state_dict()}, buffer)
+    buffer.seek(0)
+    resumed = NoiseScaleEstimator(ema=0.5)  # the saved ema must win
+    resumed.load_state_dict(torch.load(buffer, weights_only=True)["noise"])
+    for small, big in draws[5:]:
+        resumed.update(small, 32, big, 256)
+    assert resumed.result() == straight.result()
+    assert resumed.state_dict() == straight.state_dict()
+
+
+def accumulation_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, micro: int,
+                      noise: MicroBatchGradNoise | None) -> torch.Tensor:
+    """The loop's world-1 accumulation step: micro-batch losses weighted by their share, .grad = step mean."""
+    model.zero_grad(set_to_none=True)
+    for micro_idx in idx.split(micro):
+        weight = len(micro_idx) / len(idx)
+        loss = F.cross_entropy(model(x[micro_idx]), y[micro_idx]) * weight
+        with noise.micro_batch(weight, len(micro_idx)) if noise else nullcontext():
+            loss.backward()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    if noise:
+        noise.step_done(grad_norm)
+    return grad_norm
+
+
+def test_accumulation_source_is_exact_on_one_step_and_changes_no_gradient(noise_problem):
+    model = noise_mlp()
+    model.load_state_dict(noise_problem["state"])
+    x, y = noise_problem["x"], noise_problem["y"]
+    idx = torch.arange(100, 200)  # 100 = 3 micro-batches of 32 and a short one of 4: two sizes in one step
+
+    accumulation_step(model, x, y, idx, 32, None)
+    plain_grads = [p.grad.clone() for p in model.parameters()]
+    noise = MicroBatchGradNoise(model.parameters())
+    accumulation_step(model, x, y, idx, 32, noise)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), plain_grads, strict=True))
+
+    big = sum(g.double().square().sum() for g in plain_grads).item()
+    expected = [two_batch_estimates(sq_grad_norm(model, x[m], y[m]), len(m), big, len(idx)) for m in idx.split(32)]
+    g2, trace = noise.collect()
+    assert math.isclose(g2, sum(e[0] for e in expected) / 4, rel_tol=1e-5)
+    assert math.isclose(trace, sum(e[1] for e in expected) / 4, rel_tol=1e-5)
+    assert noise.collect() is None  # collect empties it
+
+    # Backwards outside micro_batch() (here: the sharpness instrument's double backward) are not measured.
+    top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x[:64], y[:64], iters=3)
+    assert noise.collect() is None
+    noise.remove()
+    assert all(not p._backward_hooks for p in model.parameters())
+
+
+def test_accumulation_source_noise_scale_matches_per_example_gradients(noise_problem):
+    model = noise_mlp()
+    model.load_state_dict(noise_problem["state"])
+    x, y = noise_problem["x"], noise_problem["y"]
+    noise, estimator = MicroBatchGradNoise(model.parameters()), NoiseScaleEstimator(ema=0.9)
+    g = torch.Generator().manual_seed(3)
+    for step in range(1, 101):  # steps of B = 256 as 8 micro-batches of b = 32; the weights stay fixed
+        accumulation_step(model, x, y, torch.randperm(len(x), generator=g)[:256], 32, noise)
+        if step % 10 == 0:  # the loop's logging cadence
+            assert noise.flush_into(estimator)
+    exact = noise_problem["exact"]["b_simple"]
+    measured = estimator.result()["b_simple"]
+    print(f"B_simple through micro-batch hooks: {measured:.1f}, exact {exact:.1f}")
+    assert rel_err(measured, exact) < 0.25, (measured, exact)

@@ -4,4 +4,5 @@ Each module has one small interface and no import of train.py; the loop calls
 them at its own cadence:
 
 - sharpness:   top Hessian eigenvalue of the training loss (power iteration on Hessian-vector products)
+- noise_scale: gradient noise scale B_simple (McCandlish et al. 2018) from two batch sizes
 """
