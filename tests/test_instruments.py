@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
 
+from spine.instruments.layer_stats import LayerStats
 from spine.instruments.noise_scale import (
     MicroBatchGradNoise,
     NoiseScaleEstimator,
@@ -309,3 +310,96 @@ def test_accumulation_source_noise_scale_matches_per_example_gradients(noise_pro
     measured = estimator.result()["b_simple"]
     print(f"B_simple through micro-batch hooks: {measured:.1f}, exact {exact:.1f}")
     assert rel_err(measured, exact) < 0.25, (measured, exact)
+
+
+# ---------------------------------------------------------------------------------------------- layer stats
+
+
+def relu_net() -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def test_layer_stats_against_direct_computation():
+    model = relu_net()
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    stats = LayerStats(model)
+
+    stats.begin_step()
+    assert stats.active
+    hidden = model[0](x)  # the direct computation, outside the hooks' view: same numbers
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    stats.before_optimizer_step()
+    optimizer.step()
+    tags = stats.end_step()
+
+    for name, p in model.named_parameters():
+        layer, leaf = name.rsplit(".", 1)
+        group = f"layers.{layer}/{leaf}"
+        assert math.isclose(tags[f"{group}.grad_norm"], grads[name].double().norm().item(), rel_tol=1e-12)
+        assert math.isclose(tags[f"{group}.norm"], before[name].double().norm().item(), rel_tol=1e-12)
+        ratio = (p.detach() - before[name]).double().norm() / before[name].double().norm()
+        assert math.isclose(tags[f"{group}.update_ratio"], ratio.item(), rel_tol=1e-12)
+        assert tags[f"{group}.update_ratio"] > 0
+    relu = hidden.relu()
+    for layer, out in (("0", hidden), ("1", relu), ("2", logits)):
+        assert math.isclose(tags[f"layers.{layer}/act.mean"], out.double().mean().item(), rel_tol=1e-9)
+        assert math.isclose(tags[f"layers.{layer}/act.std"], out.double().std(correction=0).item(), rel_tol=1e-9)
+    dead = (relu == 0).all(0).double().mean().item()
+    assert tags["layers.1/dead_fraction"] == dead
+    assert "layers.0/dead_fraction" not in tags  # only ReLU modules count dead units
+
+    # The hooks are gone: nothing is registered, and later forwards are not seen.
+    assert not stats.active
+    assert all(not m._forward_hooks for m in model.modules())
+    model(x)
+    assert stats.end_step() == {}
+
+
+def test_layer_stats_dead_fraction_on_hand_built_units():
+    linear = nn.Linear(3, 4)
+    with torch.no_grad():
+        linear.weight.fill_(0.01)
+        linear.bias.copy_(torch.tensor([-100.0, -100.0, 100.0, 100.0]))
+    model = nn.Sequential(linear, nn.ReLU())
+    x = torch.randn(8, 3)
+    for bias, dead in (([-100.0, -100.0, 100.0, 100.0], 0.5), ([-100.0] * 4, 1.0), ([100.0] * 4, 0.0)):
+        with torch.no_grad():
+            linear.bias.copy_(torch.tensor(bias))
+        stats = LayerStats(model)
+        stats.begin_step()
+        model(x)
+        assert stats.end_step()["layers.1/dead_fraction"] == dead
+
+    # Conv feature maps: a unit is a channel, dead only if zero at every sample and every position.
+    conv = nn.Conv2d(1, 3, kernel_size=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, 1.0, 1.0]).view(3, 1, 1, 1))
+        conv.bias.copy_(torch.tensor([-100.0, 0.0, 100.0]))
+    image = torch.zeros(2, 1, 4, 4)
+    image[1, 0, 2, 3] = 1.0  # channel 1 is positive at this one position only: alive
+    model = nn.Sequential(conv, nn.ReLU())
+    stats = LayerStats(model)
+    stats.begin_step()
+    model(image)
+    assert stats.end_step()["layers.1/dead_fraction"] == pytest.approx(1 / 3)
+
+
+def test_layer_stats_combine_micro_batches_exactly():
+    model = relu_net()
+    x = torch.randn(12, 4)
+    stats = LayerStats(model)
+    stats.begin_step()
+    model(x[:5])
+    model(x[5:])  # accumulation: two forwards in one step
+    split = stats.end_step()
+    stats.begin_step()
+    model(x)
+    whole = stats.end_step()
+    assert split.keys() == whole.keys()
+    for tag in whole:
+        assert math.isclose(split[tag], whole[tag], rel_tol=1e-9, abs_tol=1e-12), tag
