@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
 
 from spine.instruments.layer_stats import LayerStats
+from spine.instruments.lr_find import LRRangeTest, plot_lr_range
 from spine.instruments.noise_scale import (
     MicroBatchGradNoise,
     NoiseScaleEstimator,
@@ -403,3 +404,70 @@ def test_layer_stats_combine_micro_batches_exactly():
     assert split.keys() == whole.keys()
     for tag in whole:
         assert math.isclose(split[tag], whole[tag], rel_tol=1e-9, abs_tol=1e-12), tag
+
+
+# ---------------------------------------------------------------------------------------------- lr range test
+
+
+def test_lr_schedule_hits_both_ends_exactly_and_is_geometric():
+    test = LRRangeTest(lr_min=1e-7, lr_max=10.0, num_steps=100)
+    lrs = [test.lr_at(i) for i in range(100)]
+    assert lrs[0] == 1e-7 and lrs[-1] == 10.0
+    ratios = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
+    assert max(ratios) / min(ratios) - 1 < 1e-9
+    # The loop's view: next_lr walks the schedule, and the test ends at lr_max.
+    seen = []
+    while (lr := test.next_lr) is not None:
+        seen.append(lr)
+        test.record(lr, 1.0)
+    assert seen == lrs and test.stop_reason == "reached lr_max"
+
+
+def test_lr_range_stop_rule():
+    test = LRRangeTest(num_steps=100, smoothing=0.9)
+    for _ in range(10):
+        assert not test.record(test.next_lr, 1.0)
+    # Smoothed (bias-corrected) after the jump: (0.9 * (1 - 0.9^10) + 0.1 * 100) / (1 - 0.9^11) = 15.4 > 4 x 1.
+    assert test.record(test.next_lr, 100.0)
+    assert len(test.losses) == 11 and "> 4 x best" in test.stop_reason
+    assert test.next_lr is None
+    with pytest.raises(RuntimeError):
+        test.record(1.0, 1.0)
+
+    slow = LRRangeTest(num_steps=100, smoothing=0.9)  # a rise to 3.5x the best does not stop it
+    for i in range(100):
+        if slow.record(slow.next_lr, 1.0 if i < 50 else 3.5):
+            break
+    assert slow.stop_reason == "reached lr_max"
+
+    nan = LRRangeTest()
+    nan.record(nan.next_lr, 1.0)
+    assert nan.record(nan.next_lr, float("nan")) and "non-finite" in nan.stop_reason
+
+
+def synthetic_range_curve(log_lr: float, centre: float) -> float:
+    """Falls fastest at log10 lr = centre (a tanh step), then blows up two decades later."""
+    return 2.0 - math.tanh(2.0 * (log_lr - centre)) + max(0.0, math.exp(3.0 * (log_lr - centre - 2.0)) - 1.0)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.02])
+def test_lr_range_suggestion_lands_at_the_steepest_descent(noise, tmp_path):
+    g = torch.Generator().manual_seed(5)
+    centre = -3.0  # steepest descent at lr = 1e-3
+    test = LRRangeTest(lr_min=1e-7, lr_max=10.0, num_steps=100)
+    while (lr := test.next_lr) is not None:
+        loss = synthetic_range_curve(math.log10(lr), centre) * (1 + noise * torch.randn((), generator=g).item())
+        if test.record(lr, loss):
+            break
+    assert test.stop_reason.startswith("smoothed loss")  # the blow-up stopped it before lr_max
+    grid_step = 8 / 99  # decades between two lrs of the schedule
+    suggestion = test.suggestion()
+    assert abs(math.log10(suggestion) - centre) <= (1 if noise == 0 else 2) * grid_step + 1e-9, suggestion
+
+    png = plot_lr_range(test, tmp_path / "lr_find.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    flat = LRRangeTest(num_steps=20)  # a loss that never falls has no suggestion
+    while (lr := flat.next_lr) is not None:
+        flat.record(lr, 1.0 + math.log10(lr) * 0.01 + 0.2)
+    assert flat.suggestion() is None

@@ -6,4 +6,5 @@ them at its own cadence:
 - sharpness:   top Hessian eigenvalue of the training loss (power iteration on Hessian-vector products)
 - noise_scale: gradient noise scale B_simple (McCandlish et al. 2018) from two batch sizes
 - layer_stats: per-layer gradient/weight norms, update ratios and activation health on a logged step
+- lr_find:     the LR range test (Smith 2017) as a state machine the loop feeds
 """
