@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
+from torch.utils.data import DistributedSampler
 
+from spine.instruments.guards import Guards
 from spine.instruments.layer_stats import LayerStats
 from spine.instruments.lr_find import LRRangeTest, plot_lr_range
 from spine.instruments.noise_scale import (
@@ -471,3 +473,72 @@ def test_lr_range_suggestion_lands_at_the_steepest_descent(noise, tmp_path):
     while (lr := flat.next_lr) is not None:
         flat.record(lr, 1.0 + math.log10(lr) * 0.01 + 0.2)
     assert flat.suggestion() is None
+
+
+# ---------------------------------------------------------------------------------------------- guards
+
+
+class GuardedLoop:
+    """A few epochs of the loop's calls, with the guards where the loop puts them, and one mistake at a time."""
+
+    def __init__(self, mistake: str = "") -> None:
+        torch.manual_seed(6)
+        self.model = nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.1), nn.Linear(4, 2))
+        self.params = list(self.model.parameters())
+        self.optimizer = torch.optim.SGD(self.params, lr=0.1)
+        self.sampler = DistributedSampler(range(8), num_replicas=1, rank=0, shuffle=True, seed=0)
+        self.warned: list[str] = []
+        self.guards = Guards(warn=self.warned.append)
+        self.mistake = mistake
+
+    def run(self, epochs: int = 3, steps: int = 2) -> None:
+        x, y = torch.randn(8, 2), torch.randint(0, 2, (8,))
+        step = 0
+        for epoch in range(epochs):
+            if self.mistake != "no-set-epoch":
+                self.sampler.set_epoch(epoch)
+            self.guards.sampler_epoch(self.sampler, epoch)
+            if self.mistake != "no-train-mode":
+                self.model.train()
+            for _ in range(steps):
+                self.guards.training_forward(self.model, step)
+                self.guards.grads_cleared(self.params, step)
+                F.cross_entropy(self.model(x), y).backward()
+                self.optimizer.step()
+                if self.mistake != "no-zero-grad":
+                    self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+            if self.mistake != "no-eval-mode":
+                self.model.eval()
+            self.guards.validation_mode(self.model, epoch)
+            with torch.no_grad():
+                self.model(x)
+
+
+def test_guards_stay_silent_on_a_healthy_loop():
+    loop = GuardedLoop()
+    loop.run()
+    assert loop.guards.messages == [] and loop.warned == []
+
+
+@pytest.mark.parametrize("mistake, check, when, line", [
+    ("no-train-mode", "eval-mode-training", "step 2 ", "model.train()"),  # epoch 0 is in train mode by default
+    ("no-zero-grad", "grad-not-cleared", "step 1 ", "optimizer.zero_grad(set_to_none=True)"),
+    ("no-set-epoch", "sampler-epoch", "epoch 1 ", "sampler.set_epoch(epoch)"),
+    ("no-eval-mode", "train-mode-validation", "epoch 0", "model.eval()"),
+])
+def test_each_guard_fires_once_at_the_step_and_names_the_line(mistake, check, when, line):
+    loop = GuardedLoop(mistake)
+    loop.run(epochs=4)  # the mistake repeats every step or epoch after the first
+    assert len(loop.guards.messages) == 1, loop.guards.messages
+    message = loop.guards.messages[0]
+    assert message.startswith(f"guard {check}: ") and when in message and line in message, message
+    assert loop.warned == loop.guards.messages
+
+
+def test_sharpness_between_steps_does_not_trip_the_zero_grad_guard():
+    loop = GuardedLoop()
+    loop.run(epochs=1)
+    top_hessian_eigenvalue(loop.model, nn.CrossEntropyLoss(), torch.randn(8, 2), torch.randint(0, 2, (8,)), iters=5)
+    loop.guards.grads_cleared(loop.params, step=99)
+    assert loop.guards.messages == []
