@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
 from spine.instruments.guards import Guards
 from spine.instruments.layer_stats import LayerStats
 from spine.instruments.lr_find import LRRangeTest, plot_lr_range
 from spine.instruments.noise_scale import (
+    DDPGradNoise,
     MicroBatchGradNoise,
     NoiseScaleEstimator,
     two_batch_estimates,
 )
 from spine.instruments.sharpness import top_hessian_eigenvalue
+from tests.helpers import spawn_ranks
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -542,3 +548,188 @@ def test_sharpness_between_steps_does_not_trip_the_zero_grad_guard():
     top_hessian_eigenvalue(loop.model, nn.CrossEntropyLoss(), torch.randn(8, 2), torch.randint(0, 2, (8,)), iters=5)
     loop.guards.grads_cleared(loop.params, step=99)
     assert loop.guards.messages == []
+
+
+# ---------------------------------------------------------------------------------------------- two gloo ranks
+# One spawn of two real gloo processes runs every distributed check (a spawn costs seconds of imports on
+# this machine); each test below asserts one part of what the ranks report.
+
+
+@contextmanager
+def gloo_group(rank: int, world: int):
+    """A real gloo process group from the env spawn_ranks sets (MASTER_ADDR=127.0.0.1, a free port), bounded."""
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        gc.collect()  # DDP's reducer sits in reference cycles: free it before the group goes
+        dist.destroy_process_group()
+
+
+def dead_on_one_half_problem():
+    """A ReLU net and 16 samples where hidden unit 0 is dead on the first half and alive on the second: the
+    rank-local dead fraction of rank 0 differs from the global one."""
+    model = relu_net()
+    with torch.no_grad():
+        model[0].weight[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        model[0].bias[0] = 0.0
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(7))
+    x[:8, 0] = -x[:8, 0].abs()
+    x[8:, 0] = x[8:, 0].abs()
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(8))
+    return model, x, y
+
+
+def layer_stats_step(model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch.Tensor, all_reduce=None):
+    """One logged SGD step with LayerStats; `model` runs (DDP or plain), `module` is the unwrapped one."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    stats = LayerStats(module)
+    stats.begin_step()
+    F.cross_entropy(model(x), y).backward()
+    stats.before_optimizer_step()
+    optimizer.step()
+    return stats.end_step(all_reduce)
+
+
+def ddp_noise_steps(rank: int, world: int, state: dict, x: torch.Tensor, y: torch.Tensor, every: int,
+                    steps: int, lr: float, accumulate: int, seed: int, flush_every: int = 0):
+    """DDP steps of 64 samples per rank through the noise hook measuring one step in `every` (0: no hook, the
+    built-in reduction); accumulation under no_sync."""
+    from spine.distributed import all_reduce_sum
+
+    module = noise_mlp()
+    module.load_state_dict(state)
+    model = DDP(module, bucket_cap_mb=0.004)  # ~1,000 floats per bucket: several buckets, rebuilt after step 1
+    noise, estimator = DDPGradNoise(every=max(every, 1)), NoiseScaleEstimator(ema=0.9)
+    if every:
+        model.register_comm_hook(noise, DDPGradNoise.hook)
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    local_norms = []
+    for step in range(1, steps + 1):
+        idx = torch.randperm(len(x), generator=g)[:64 * world][rank::world]  # a shared draw; this rank's share
+        micro_batches = idx.split(len(idx) // accumulate)
+        for i, micro in enumerate(micro_batches):
+            with nullcontext() if i == len(micro_batches) - 1 else model.no_sync():
+                (F.cross_entropy(model(x[micro]), y[micro]) * (len(micro) / len(idx))).backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters()])
+        if every:
+            local_norms.append(None if noise.local_sq_norm is None else noise.local_sq_norm.item())
+            noise.step_done(grad_norm, len(idx), len(idx) * world)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if flush_every and step % flush_every == 0:
+            noise.flush_into(estimator, all_reduce_sum)
+    return module, local_norms, estimator.result()
+
+
+def _distributed_checks(rank: int, world: int, payload: dict) -> dict:
+    from spine.distributed import all_reduce_sum
+
+    out = {}
+    with gloo_group(rank, world):
+        # Sharpness: uneven shards (the count must be reduced too), chunked.
+        model, x, y, split = payload["sharpness"]
+        shard = slice(0, split) if rank == 0 else slice(split, None)
+        out["sharpness"] = top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x[shard], y[shard], batch_size=4,
+                                                  all_reduce=all_reduce_sum)
+
+        # Layer stats of a DDP step, activations reduced over ranks.
+        state, x, y = payload["layer_stats"]
+        model = relu_net()
+        model.load_state_dict(state)  # a copy: the spawn shares the parent's tensors with both ranks
+        half = slice(8 * rank, 8 * rank + 8)
+        out["layer_stats"] = layer_stats_step(DDP(model), model, x[half], y[half], all_reduce_sum)
+
+        # Noise hook: training with and without it (plain steps and no_sync accumulation).
+        state, x, y = payload["noise"]
+        trained, measured = {}, {}
+        for every, accumulate in ((0, 1), (0, 2), (1, 1), (1, 2), (2, 2)):
+            module, local_norms, _ = ddp_noise_steps(rank, world, state, x, y, every, 4, 0.1, accumulate, 9)
+            # Plain lists: a tensor sent back through the queue would need this process alive to be read.
+            trained[every, accumulate] = [p.detach().tolist() for p in module.parameters()]
+            measured[every, accumulate] = [norm is not None for norm in local_norms]
+        out["trained"], out["measured_steps"] = trained, measured
+
+        # The hook's local squared norm against this rank's local gradient computed without DDP.
+        module, local_norms, _ = ddp_noise_steps(rank, world, state, x, y, 1, 1, 0.0, 2, 10)
+        g = torch.Generator().manual_seed(10)
+        idx = torch.randperm(len(x), generator=g)[:64 * world][rank::world]
+        alone = noise_mlp()
+        alone.load_state_dict(state)
+        out["local_sq"] = (local_norms[0], sq_grad_norm(alone, x[idx], y[idx]))
+
+        # B_simple at fixed weights (lr 0): b = 64 per rank (2 micro-batches of 32 under no_sync), B = 128.
+        _, _, result = ddp_noise_steps(rank, world, state, x, y, 1, 200, 0.0, 2, 11, flush_every=20)
+        out["noise"] = result
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(noise_problem) -> tuple[list[dict], dict]:
+    sharpness_model, sx, sy = small_mlp_problem()
+    stats_model, lx, ly = dead_on_one_half_problem()
+    payload = {"sharpness": (sharpness_model, sx, sy, 11),
+               "layer_stats": (stats_model.state_dict(), lx, ly),
+               "noise": (noise_problem["state"], noise_problem["x"], noise_problem["y"])}
+    per_rank = spawn_ranks(_distributed_checks, 2, payload, timeout=90)
+    return per_rank, {"sharpness": (sharpness_model, sx, sy), "layer_stats": (stats_model, lx, ly)}
+
+
+@pytest.mark.timeout(120)
+def test_sharpness_on_two_ranks_equals_world_one(two_ranks):
+    per_rank, problems = two_ranks
+    model, x, y = problems["sharpness"]
+    single = top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x, y)
+    assert per_rank[0]["sharpness"] == per_rank[1]["sharpness"]  # the same reduced numbers on every rank
+    assert rel_err(per_rank[0]["sharpness"], single) < 1e-5, (per_rank[0]["sharpness"], single)
+
+
+@pytest.mark.timeout(120)
+def test_layer_stats_under_ddp_equal_the_global_batch(two_ranks):
+    per_rank, problems = two_ranks
+    model, x, y = problems["layer_stats"]
+    rank0_model = copy.deepcopy(model)
+    whole = layer_stats_step(model, model, x, y)  # world 1 on all 16 samples
+    rank0_alone = layer_stats_step(rank0_model, rank0_model, x[:8], y[:8])
+    for tags in per_rank:
+        assert tags["layer_stats"].keys() == whole.keys()
+        for tag, value in whole.items():
+            assert math.isclose(tags["layer_stats"][tag], value, rel_tol=1e-5, abs_tol=1e-9), tag
+    # Not vacuous: rank 0's own activations say something else (its half has unit 0 dead).
+    assert rank0_alone["layers.1/dead_fraction"] > whole["layers.1/dead_fraction"]
+
+
+@pytest.mark.timeout(120)
+def test_ddp_noise_hook_leaves_training_bit_identical(two_ranks, noise_problem):
+    """Weights as lists of Python floats (exact copies of the float32 values): == is bitwise equality."""
+    per_rank, _ = two_ranks
+    initial = [t.tolist() for t in noise_problem["state"].values()]
+    for r in per_rank:
+        trained = r["trained"]
+        for every, accumulate in ((1, 1), (1, 2), (2, 2)):  # against the built-in reduction (every = 0)
+            assert trained[every, accumulate] == trained[0, accumulate], (every, accumulate)
+        assert trained[0, 1] != initial and trained[0, 1] != trained[0, 2]  # it trained, on different steps
+        # every=2 measures the synchronised steps 1 and 3 only.
+        assert r["measured_steps"] == {(0, 1): [], (0, 2): [], (1, 1): [True] * 4, (1, 2): [True] * 4,
+                                       (2, 2): [True, False, True, False]}
+    assert per_rank[0]["trained"] == per_rank[1]["trained"]  # and the replicas agree
+
+
+@pytest.mark.timeout(120)
+def test_ddp_noise_hook_sees_the_local_gradient(two_ranks):
+    per_rank, _ = two_ranks
+    for r in per_rank:
+        hooked, direct = r["local_sq"]
+        assert math.isclose(hooked, direct, rel_tol=1e-5), (hooked, direct)
+    assert per_rank[0]["local_sq"][1] != per_rank[1]["local_sq"][1]  # the ranks' local batches differ
+
+
+@pytest.mark.timeout(120)
+def test_ddp_noise_scale_matches_per_example_gradients(two_ranks, noise_problem):
+    per_rank, _ = two_ranks
+    assert per_rank[0]["noise"] == per_rank[1]["noise"]
+    exact = noise_problem["exact"]["b_simple"]
+    measured = per_rank[0]["noise"]["b_simple"]
+    print(f"B_simple through the DDP comm hook at world 2: {measured:.1f}, exact {exact:.1f}")
+    assert rel_err(measured, exact) < 0.25, (measured, exact)
