@@ -298,6 +298,13 @@ def test_accumulation_source_is_exact_on_one_step_and_changes_no_gradient(noise_
     assert math.isclose(trace, sum(e[1] for e in expected) / 4, rel_tol=1e-5)
     assert noise.collect() is None  # collect empties it
 
+    # every=2 measures one step in two: the first step alone, the same numbers.
+    sparse = MicroBatchGradNoise(model.parameters(), every=2)
+    accumulation_step(model, x, y, idx, 32, sparse)
+    accumulation_step(model, x, y, idx + 100, 32, sparse)
+    assert sparse.collect() == pytest.approx((g2, trace), rel=1e-6)
+    sparse.remove()
+
     # Backwards outside micro_batch() (here: the sharpness instrument's double backward) are not measured.
     top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x[:64], y[:64], iters=3)
     assert noise.collect() is None
