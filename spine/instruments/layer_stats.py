@@ -54,6 +54,12 @@ class _Activations:
 
 
 class LayerStats:
+    """Per-layer statistics of one logged step (see the module docstring for the calls and what is measured).
+
+    model: the module whose parameters and leaf modules are measured (a DDP wrapper is unwrapped);
+    prefix: the first part of every tag; unit_dim: the output dimension that indexes a ReLU's units.
+    """
+
     def __init__(self, model: nn.Module, prefix: str = "layers", unit_dim: int = 1) -> None:
         self.model = model.module if isinstance(model, DistributedDataParallel) else model
         self.prefix, self.unit_dim = prefix, unit_dim
