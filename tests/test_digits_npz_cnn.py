@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from data.digits import DIGITS_CLASSES, DIGITS_SAMPLES, DIGITS_SHAPE, load_digits_split
+from data.memory import RUNTIME_RESERVE_BYTES, check_fits, synthetic_dataset_bytes
 from data.split import per_class_validation_counts
+from spine.errors import UsageError
 
 # ---------------------------------------------------------------- digits
 
@@ -65,3 +69,38 @@ def test_largest_remainder_shares_are_exact_in_total_and_within_one():
         counts = per_class_validation_counts(sizes, n_val)
         assert sum(counts) == n_val
         assert all(abs(c - s * n_val / sum(sizes)) < 1 for c, s in zip(counts, sizes, strict=True))
+
+
+# ---------------------------------------------------------------- memory guard
+
+
+def test_memory_guard_refuses_a_huge_synthetic_dataset_in_milliseconds():
+    started = time.perf_counter()
+    with pytest.raises(UsageError) as caught:
+        check_fits(synthetic_dataset_bytes("moons", 10**12, 2, 2), "--n-samples 1000000000000")
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.5
+    message = str(caught.value)
+    assert message.startswith("--n-samples 1000000000000: the dataset needs 59604.6 GiB, ") and "available" in message
+
+
+def test_memory_guard_accepts_what_fits_and_counts_every_rank_on_the_machine():
+    check_fits(synthetic_dataset_bytes("moons", 1000, 2, 2), "--n-samples 1000")  # real available memory
+    free = 8 * 2**30
+    per_rank = 3 * 2**30
+    check_fits(per_rank, "x", copies=2, available=free)
+    with pytest.raises(UsageError, match=r"x: the dataset needs 3.0 GiB on each of 3 ranks on this machine, "
+                                         r"8.0 GiB available \(keeping 512.0 MiB per process for the runtime\)"):
+        check_fits(per_rank, "x", copies=3, available=free)
+    # The reserve is what tips it: exactly the free memory, less the reserve, fits; one byte more does not.
+    check_fits(free - RUNTIME_RESERVE_BYTES, "x", available=free)
+    with pytest.raises(UsageError):
+        check_fits(free - RUNTIME_RESERVE_BYTES + 1, "x", available=free)
+
+
+def test_synthetic_estimates_grow_with_the_flags_that_matter():
+    assert synthetic_dataset_bytes("spirals", 1000, 99, 99) == synthetic_dataset_bytes("spirals", 1000, 2, 2)
+    assert synthetic_dataset_bytes("rule", 1000, 64, 2) > synthetic_dataset_bytes("rule", 1000, 16, 2)
+    assert synthetic_dataset_bytes("rule", 1000, 8, 64) > synthetic_dataset_bytes("rule", 1000, 8, 2)
+    with pytest.raises(KeyError):
+        synthetic_dataset_bytes("no-such-set", 1000, 2, 2)
