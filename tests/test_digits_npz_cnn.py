@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import time
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 
 from data.digits import DIGITS_CLASSES, DIGITS_SAMPLES, DIGITS_SHAPE, load_digits_split
 from data.memory import RUNTIME_RESERVE_BYTES, check_fits, synthetic_dataset_bytes
+from data.npz import load_npz_split, peak_bytes, read_headers
 from data.split import per_class_validation_counts
 from spine.errors import UsageError
 
@@ -69,6 +73,203 @@ def test_largest_remainder_shares_are_exact_in_total_and_within_one():
         counts = per_class_validation_counts(sizes, n_val)
         assert sum(counts) == n_val
         assert all(abs(c - s * n_val / sum(sizes)) < 1 for c, s in zip(counts, sizes, strict=True))
+
+
+# ---------------------------------------------------------------- npz: accepted files
+
+
+def _xy(n: int = 60, classes: int = 3, features: tuple[int, ...] = (2, 3), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, *features)), np.arange(n) % classes
+
+
+def test_npz_x_y_is_split_stratified_and_deterministic(tmp_path):
+    x, y = _xy(n=100, classes=4)
+    path = str(tmp_path / "data.npz")
+    np.savez(path, x=x, y=y, notes=np.arange(3))  # an extra array is ignored
+    a = load_npz_split(path, 0.2, seed=5, world_size=2)
+    b = load_npz_split(path, 0.2, seed=5, world_size=2)
+    c = load_npz_split(path, 0.2, seed=6, world_size=2)
+    assert a.train_x.shape == (80, 2, 3) and a.val_x.shape == (20, 2, 3)
+    assert a.train_x.dtype == torch.float32 and a.train_y.dtype == torch.int64
+    assert a.num_classes == 4
+    assert all(torch.equal(p, q) for p, q in zip(a[:4], b[:4], strict=True))
+    assert not torch.equal(a.val_y, c.val_y) or not torch.equal(a.val_x, c.val_x)
+    assert a.content_fingerprint == c.content_fingerprint  # same file, different split
+    assert torch.bincount(a.val_y).tolist() == [5, 5, 5, 5]
+    # Every sample lands in exactly one split, features and label together.
+    pairs = {(row.tobytes(), int(label)) for row, label in zip(x.astype(np.float32), y, strict=True)}
+    split = torch.cat([a.train_x, a.val_x]).numpy()
+    assert {(row.tobytes(), int(label)) for row, label in zip(split, torch.cat([a.train_y, a.val_y]), strict=True)} \
+        == pairs
+
+
+def test_npz_given_split_is_used_in_stored_order(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {"x_train": rng.normal(size=(10, 5)).astype(np.float32), "y_train": np.arange(10) % 2,
+              "x_val": rng.integers(0, 255, (4, 5), dtype=np.uint8), "y_val": np.array([0.0, 1.0, 2.0, 1.0])}
+    path = str(tmp_path / "given.npz")
+    np.savez_compressed(path, **arrays)
+    data = load_npz_split(path, 0.2, seed=0, world_size=4)
+    assert torch.equal(data.train_x, torch.from_numpy(arrays["x_train"]))
+    assert torch.equal(data.train_y, torch.from_numpy(arrays["y_train"]))
+    assert torch.equal(data.val_x, torch.from_numpy(arrays["x_val"].astype(np.float32)))  # integers become float32
+    assert data.val_y.tolist() == [0, 1, 2, 1]  # integral floats are accepted as labels
+    assert data.num_classes == 3  # the largest label over train and validation, plus one
+
+
+def test_npz_fingerprint_covers_values_dtypes_and_shapes(tmp_path):
+    x, y = _xy()
+
+    def fingerprint(name: str, **arrays) -> str:
+        np.savez(tmp_path / name, **arrays)
+        return load_npz_split(str(tmp_path / name), 0.2, seed=0, world_size=1).content_fingerprint
+
+    base = fingerprint("a.npz", x=x, y=y)
+    assert fingerprint("b.npz", x=x, y=y) == base  # a copy of the file: same arrays, same fingerprint
+    changed = x.copy()
+    changed[7, 1, 2] += 1e-9
+    assert fingerprint("c.npz", x=changed, y=y) != base
+    assert fingerprint("d.npz", x=x.astype(np.float32), y=y) != base
+    assert fingerprint("e.npz", x=x.reshape(60, 3, 2), y=y) != base
+
+
+# ---------------------------------------------------------------- npz: refusals
+
+
+def _write_npy_header_only(archive: zipfile.ZipFile, key: str, shape: tuple[int, ...], descr: str) -> None:
+    """A member whose header claims `shape` but that holds no data: reading the data would fail."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    archive.writestr(key + ".npy", buf.getvalue())  # magic, then the header dict
+
+
+class _RunsCode:
+    """Unpickling this creates the file `marker`: proof that a pickle ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+_X, _Y = _xy()
+
+
+def _savez(**arrays):
+    def write(path):
+        np.savez(path, **arrays)
+        return path
+    return write
+
+
+def _random_bytes(path):
+    path.write_bytes(np.random.default_rng(0).bytes(1000))
+    return path
+
+
+def _plain_npy(path):
+    np.save(path.with_suffix(".npy"), _X)
+    return path.with_suffix(".npy")
+
+
+def _damaged_data(path):
+    np.savez(path, x=_X, y=_Y)  # stored, not compressed: flip one byte inside x's data
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(_X[0, 0].tobytes()) + 3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _header_claims_huge_arrays(path):
+    with zipfile.ZipFile(path, "w") as archive:
+        _write_npy_header_only(archive, "x", (10**10, 100), "<f8")
+        _write_npy_header_only(archive, "y", (10**10,), "<i8")
+    return path
+
+
+def _object_array(path):
+    np.savez(path, x=np.array([_RunsCode(str(path.parent / "pickle-ran")), 1.0], dtype=object), y=np.arange(2))
+    return path
+
+
+def _with(value, at):
+    x = _X.copy()
+    x[at] = value
+    return x
+
+
+# (name, writer(path) -> the path to load, words the message must contain)
+BAD_FILES = [
+    ("missing file", lambda path: path, ["no such file"]),
+    ("directory", lambda path: (path.mkdir(), path)[1], ["directory"]),
+    ("random bytes", _random_bytes, ["not an .npz archive"]),
+    ("plain npy", _plain_npy, ["single .npy array", "not an .npz archive"]),
+    ("missing y", _savez(x=_X, labels=_Y), ["missing key(s) y", "arrays found: labels, x"]),
+    ("missing y_val", _savez(x_train=_X, y_train=_Y, x_val=_X), ["missing key(s) y_val", "x_train, x_val, y_train"]),
+    ("no arrays", lambda path: (zipfile.ZipFile(path, "w").close(), path)[1], ["missing key(s) x, y", "none"]),
+    ("both layouts", _savez(x=_X, y=_Y, x_train=_X, y_train=_Y, x_val=_X, y_val=_Y), ["both"]),
+    ("lengths differ", _savez(x=_X, y=_Y[:-1]), ["x has 60 samples but y has 59 labels"]),
+    ("val lengths differ", _savez(x_train=_X, y_train=_Y, x_val=_X[:5], y_val=_Y[:4]), ["x_val has 5 samples"]),
+    ("sample shapes differ", _savez(x_train=_X, y_train=_Y, x_val=_X[:, 0], y_val=_Y), ["x_train samples have"]),
+    ("fractional labels", _savez(x=_X, y=np.where(_Y == 2, 1.5, _Y)), ["non-integer labels", "1.5"]),
+    ("nan labels", _savez(x=_X, y=np.where(_Y == 2, np.nan, _Y)), ["non-integer labels"]),
+    ("bool labels", _savez(x=_X, y=_Y == 1), ["booleans"]),
+    ("string labels", _savez(x=_X, y=_Y.astype(str)), ["dtype <U", "labels must be integers"]),
+    ("negative labels", _savez(x=_X, y=_Y - 1), ["negative label (-1 at index 0)"]),
+    ("labels are ids", _savez(x=_X, y=_Y * 1000), ["labels go up to 2000 with only 60 samples"]),
+    ("one class", _savez(x=_X, y=np.zeros_like(_Y)), ["at least two classes"]),
+    ("one-hot labels", _savez(x=_X, y=np.eye(3)[_Y]), ["1-D array of class indices"]),
+    ("flat features", _savez(x=_X[:, 0, 0], y=_Y), ["at least one feature dimension"]),
+    ("string features", _savez(x=_X.astype(str), y=_Y), ["features must be real numbers"]),
+    ("nan features", _savez(x=_with(np.nan, (4, 0, 0)), y=_Y), ["non-finite", "1 sample(s), the first at index 4"]),
+    ("inf features", _savez(x=_with(-np.inf, (9, 1, 1)), y=_Y), ["non-finite values", "the first at index 9"]),
+    ("beyond float32", _savez(x=_with(1e39, (2, 0, 0)), y=_Y), ["beyond float32's range", "index 2"]),
+    ("object array", _object_array, ["Python objects", "pickle"]),
+    ("damaged data", _damaged_data, ["array x is damaged"]),
+    ("too big for memory", _header_claims_huge_arrays, ["the dataset needs", "available"]),
+]
+
+
+@pytest.mark.parametrize("name, write, words", [pytest.param(*case, id=case[0]) for case in BAD_FILES])
+def test_npz_refusals_are_one_line_naming_the_file(tmp_path, name, write, words):
+    path = str(write(tmp_path / "bad.npz"))
+    started = time.perf_counter()
+    with pytest.raises(UsageError) as caught:
+        load_npz_split(path, 0.2, seed=0, world_size=1)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"--dataset npz:{path}: "), message
+    for word in words:
+        assert word in message, message
+    assert time.perf_counter() - started < 2  # headers first: the 10**10-sample file is refused unread
+    assert not (tmp_path / "pickle-ran").exists()
+
+
+@pytest.mark.parametrize("n, world, layout", [(5, 2, "x, y"), (40, 9, "x, y"), (4, 2, "given")])
+def test_npz_refuses_fewer_samples_than_ranks(tmp_path, n, world, layout):
+    x, y = _xy(n=n, classes=2)
+    path = str(tmp_path / "small.npz")
+    if layout == "given":  # 4 training samples but a single validation one
+        np.savez(path, x_train=x, y_train=y, x_val=x[:1], y_val=y[:1])
+    else:  # 5 samples at 0.2 -> 1 validation sample; 40 -> 32 + 8, one short of 9 ranks
+        np.savez(path, x=x, y=y)
+    with pytest.raises(UsageError, match=r"for \d+ rank\(s\): every rank needs at least one of each") as caught:
+        load_npz_split(path, 0.2, seed=0, world_size=world)
+    assert path in str(caught.value)
+    load_npz_split(path, 0.2, seed=0, world_size=1)  # one rank is fine
+
+
+def test_npz_memory_estimate_comes_from_headers_alone(tmp_path):
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        _write_npy_header_only(archive, "x", (1000, 8), "<f8")
+        _write_npy_header_only(archive, "y", (1000,), "<i8")
+    headers = read_headers(str(path))
+    assert headers["x"].shape == (1000, 8) and headers["y"].dtype == np.int64
+    # stored x + float32 copy + split copies + labels (stored + 40 B each) + the finiteness check's slices
+    assert peak_bytes(headers) == 64000 + 32000 + 32000 + 8000 + 40000 + 16 * 2**20
 
 
 # ---------------------------------------------------------------- memory guard
