@@ -14,6 +14,7 @@ from data.digits import DIGITS_CLASSES, DIGITS_SAMPLES, DIGITS_SHAPE, load_digit
 from data.memory import RUNTIME_RESERVE_BYTES, check_fits, synthetic_dataset_bytes
 from data.npz import load_npz_split, peak_bytes, read_headers
 from data.split import per_class_validation_counts
+from models.cnn import CNN
 from spine.errors import UsageError
 
 # ---------------------------------------------------------------- digits
@@ -305,3 +306,41 @@ def test_synthetic_estimates_grow_with_the_flags_that_matter():
     assert synthetic_dataset_bytes("rule", 1000, 8, 64) > synthetic_dataset_bytes("rule", 1000, 8, 2)
     with pytest.raises(KeyError):
         synthetic_dataset_bytes("no-such-set", 1000, 2, 2)
+
+
+# ---------------------------------------------------------------- CNN
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 5, 7), (2, 4, 4), (1, 28, 28)])
+def test_cnn_maps_images_to_logits(shape):
+    model = CNN(shape, num_classes=10)
+    logits = model(torch.randn(6, *shape))
+    assert logits.shape == (6, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_cnn_batchnorm_and_dropout_make_train_and_eval_differ():
+    torch.manual_seed(0)
+    model = CNN((1, 8, 8), 10, hidden=(4, 8), batchnorm=True)
+    x = torch.rand(16, 1, 8, 8)
+    model.train()
+    out_train = model(x)
+    model.eval()
+    assert not torch.allclose(out_train, model(x))
+    kinds = [type(m).__name__ for m in model.modules()]
+    assert kinds.count("BatchNorm2d") == 2 and "Dropout" not in kinds
+    assert "Dropout" in {type(m).__name__ for m in CNN((1, 8, 8), 10, dropout=0.3).modules()}
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"input_shape": (1, 8, 8), "hidden": (8, 16, 32)}, "exactly two positive channel counts"),
+    ({"input_shape": (1, 8, 8), "hidden": (8,)}, "exactly two positive channel counts"),
+    ({"input_shape": (64,)}, "(channels, height, width)"),
+    ({"input_shape": (1, 3, 8)}, "at least 4"),
+    ({"input_shape": (1, 8, 8), "activation": "swish"}, "unknown activation"),
+])
+def test_cnn_refuses_what_it_cannot_build(kwargs, words):
+    with pytest.raises(ValueError) as caught:
+        CNN(num_classes=10, **kwargs)
+    assert words in str(caught.value)
