@@ -17,10 +17,10 @@ from spine.errors import UsageError
 # room for a larger model. Refusing up front is cheap, being OOM-killed an hour in is not.
 RUNTIME_RESERVE_BYTES = 512 * 2**20
 
-# Peak bytes per sample of build_dataset (generator, then the train/val split), measured as peak RSS over
-# the RSS before the call at n = 4,000,000 (one process per measurement, torch 2.13 CPU):
-#   moons 48.8, circles 47.1, xor 47.1, spirals 52.4, linear 55.1 bytes per sample (2-d float32 x, int64 y);
-#   rule (dim, classes): (2, 2) 72, (16, 2) 206, (64, 2) 768, (2, 10) 136, (16, 10) 203, (8, 64) 800.
+# Peak bytes per sample of build_dataset (generator, then the train/val split): peak RSS over the RSS before
+# the call at n = 4,000,000, one process per case, torch 2.13 CPU (python -m data.measure_memory re-measures):
+#   moons 48.7, circles 47.1, xor 47.1, spirals 52.3, linear 55.1 (2-d float32 x, int64 y);
+#   rule (dim, classes): (2, 2) 56.0, (16, 2) 206.3, (64, 2) 767.9, (2, 10) 135.9, (16, 10) 203.2, (8, 64) 800.0.
 # The 2-d sets hold about seven copies of x (8 bytes) at their peak: temporaries of the geometry, the labels,
 # the permutation and the split copies; 64 covers all five.
 _TWO_D_BYTES_PER_SAMPLE = 64

@@ -119,6 +119,16 @@ def test_npz_given_split_is_used_in_stored_order(tmp_path):
     assert data.num_classes == 3  # the largest label over train and validation, plus one
 
 
+def test_npz_fortran_ordered_and_big_endian_arrays_load_as_their_values(tmp_path):
+    x, y = _xy(n=20, classes=2)
+    path = str(tmp_path / "layouts.npz")
+    np.savez(path, x_train=np.asfortranarray(x), y_train=y.astype(">i4"), x_val=x.astype(">f8"), y_val=y)
+    data = load_npz_split(path, 0.2, seed=0, world_size=1)
+    assert torch.equal(data.train_x, torch.from_numpy(x.astype(np.float32)))
+    assert torch.equal(data.val_x, data.train_x)
+    assert data.train_y.tolist() == y.tolist() and data.train_y.dtype == torch.int64
+
+
 def test_npz_fingerprint_covers_values_dtypes_and_shapes(tmp_path):
     x, y = _xy()
 
@@ -271,6 +281,7 @@ def test_npz_memory_estimate_comes_from_headers_alone(tmp_path):
     assert headers["x"].shape == (1000, 8) and headers["y"].dtype == np.int64
     # stored x + float32 copy + split copies + labels (stored + 40 B each) + the finiteness check's slices
     assert peak_bytes(headers) == 64000 + 32000 + 32000 + 8000 + 40000 + 16 * 2**20
+    assert headers["x"].nbytes == 64000 and not headers["x"].fortran_order
 
 
 # ---------------------------------------------------------------- memory guard
