@@ -143,6 +143,8 @@ def _check_headers(path: str, headers: dict[str, ArrayHeader]) -> None:
             if len(h.shape) < 2:
                 raise _fail(path, f"{h.key} has shape {h.shape}; features must be (samples, ...) with at least one "
                                   "feature dimension (for one feature per sample: x[:, None])")
+            if 0 in h.shape[1:]:
+                raise _fail(path, f"{h.key} has shape {h.shape}: its samples hold no features")
     for x_key, y_key in (("x", "y"), ("x_train", "y_train"), ("x_val", "y_val")):
         if x_key in headers and headers[x_key].shape[0] != headers[y_key].shape[0]:
             raise _fail(path, f"{x_key} has {headers[x_key].shape[0]} samples but {y_key} has "
@@ -248,7 +250,8 @@ def load_npz_split(path: str, val_fraction: float, seed: int, world_size: int, r
     Refusals (UsageError, one line naming the file): missing file, not an npz, missing keys, object arrays,
     wrong dtypes or shapes, x and y of different lengths, non-integer, negative or out-of-range labels, a single
     class, NaN or infinite features, fewer train or validation samples than `world_size`, and data that would
-    not fit in memory (`ranks_on_node` processes each holding a copy), the last three before reading any data.
+    not fit in memory (`ranks_on_node` processes each holding a copy). Keys, dtypes, shapes, the rank count and
+    the memory are checked from the headers, before any array's data is read.
     """
     headers = read_headers(path)
     n_train, n_val = _split_sizes(headers, val_fraction)

@@ -234,6 +234,7 @@ BAD_FILES = [
     ("one-hot labels", _savez(x=_X, y=np.eye(3)[_Y]), ["1-D array of class indices"]),
     ("flat features", _savez(x=_X[:, 0, 0], y=_Y), ["at least one feature dimension"]),
     ("string features", _savez(x=_X.astype(str), y=_Y), ["features must be real numbers"]),
+    ("no features", _savez(x=np.zeros((60, 0)), y=_Y), ["shape (60, 0): its samples hold no features"]),
     ("nan features", _savez(x=_with(np.nan, (4, 0, 0)), y=_Y), ["non-finite", "1 sample(s), the first at index 4"]),
     ("inf features", _savez(x=_with(-np.inf, (9, 1, 1)), y=_Y), ["non-finite values", "the first at index 9"]),
     ("beyond float32", _savez(x=_with(1e39, (2, 0, 0)), y=_Y), ["beyond float32's range", "index 2"]),
