@@ -12,6 +12,13 @@ deliberate mistakes of --break) lives in spine/, each part behind a small named 
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: threads that wait sleep instead of spinning, so a core another process holds cannot
+# stall every step (spine/distributed.py, default_threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import dataclasses
 import math
 import sys
 
@@ -20,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils import get_total_norm
 from torch.utils.data import DistributedSampler
 
 from data import SplitDataset, build_dataset, fingerprint
-from models import build_model
+from models import build_model, multiply_adds
 from spine import breaks, faults, summary
 from spine.checkpointer import Checkpointer
 from spine.config import Config, parse_config, to_toml
@@ -31,7 +39,9 @@ from spine.distributed import (
     DistContext,
     all_reduce_sum,
     broadcast_buffers,
+    default_threads,
     distributed_session,
+    epoch_indices,
     gather_objects,
     grad_sync,
     launch_env,
@@ -106,14 +116,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContex
 
 
 def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDataset, idx: torch.Tensor,
-                     micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step's gradients into .grad, from this rank's samples `idx`: the step's per-sample loss and correct count.
+                     micro_batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's gradients into .grad, from this rank's samples `idx`: the step's per-sample loss, and its
+    predicted classes with their labels (compared once per epoch: an accuracy per step costs ~4% of a small step).
 
     Gradient accumulation: the step's batch is cut into micro-batches of `micro_batch` whose gradients add up in
     .grad; only the last one's backward all-reduces. With one micro-batch it is one plain, synchronised batch.
     """
-    micro_batches = idx.split(micro_batch)
-    step_loss = step_correct = 0
+    micro_batches = idx.split(micro_batch) if idx.shape[0] > micro_batch else (idx,)
+    step_loss, predicted = None, []
     for i, micro_idx in enumerate(micro_batches):
         x, y = data.train_x[micro_idx], data.train_y[micro_idx]
         with grad_sync(ddp_model, sync=i == len(micro_batches) - 1):  # no_sync() unless the last: forward AND backward
@@ -122,11 +133,13 @@ def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDatase
             if len(micro_batches) > 1:  # weighted by its share of the step's samples: .grad sums to the step's mean
                 loss = loss * (len(micro_idx) / len(idx))
             loss.backward()  # gradients; under DDP, all-reduced across ranks as they are produced
-        step_loss = step_loss + loss.detach()
-        step_correct = step_correct + (logits.argmax(1) == y).sum()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+        predicted.append(logits.detach().argmax(1))
     if loss_fn.reduction == "sum":  # --break sum-loss: the loss stepped on is a sum, the one logged stays a mean
         step_loss = step_loss / len(idx)
-    return step_loss, step_correct
+    if len(micro_batches) == 1:
+        return step_loss, predicted[0], y
+    return step_loss, torch.cat(predicted), data.train_y[idx]
 
 
 def train(cfg: Config, ctx: DistContext) -> dict:
@@ -134,6 +147,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
     model = build_model(cfg.model, data.in_dim, data.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
                         cfg.batchnorm).to(ctx.device)
+    if not cfg.threads:  # the default: one thread for a small step, all of the rank's cores for a large one
+        threads = default_threads(ctx.local_world_size, multiply_adds(model, data.train_x[:1]) * cfg.batch_size)
+        torch.set_num_threads(threads)
+        ctx = dataclasses.replace(ctx, threads=threads)
     ddp_model = DDP(model) if ctx.world_size > 1 else model  # DDP averages gradients over ranks in backward()
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     loss_fn = nn.CrossEntropyLoss()  # mean, not sum: a summed loss makes the step grow with the batch size
@@ -166,14 +183,17 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         # The shuffle is a permutation seeded by seed + epoch: without set_epoch every epoch repeats epoch 0's order.
         if cfg.break_ != "no-set-epoch":
             sampler.set_epoch(state.epoch)
-        order = torch.tensor(list(sampler), dtype=torch.long, device=ctx.device)
+        order = epoch_indices(sampler, ctx.device)  # this rank's shard of the epoch's permutation
         if cfg.break_ != "no-train-mode":
             model.train()  # dropout on, BatchNorm uses (and updates) batch statistics; validation switched it off
         trained_in_train_mode, t_epoch = model.training, now()
         for position in range(state.step_in_epoch, steps_per_epoch):
             idx = order[position * step_batch:(position + 1) * step_batch]  # this rank's samples for this step
-            step_loss, step_correct = forward_backward(ddp_model, loss_fn, data, idx, cfg.batch_size)
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            step_loss, predicted, labels = forward_backward(ddp_model, loss_fn, data, idx, cfg.batch_size)
+            logged = (state.global_step + 1) % cfg.log_every == 0  # this step's scalars go to TensorBoard
+            # The total norm costs ~8% of a small step: measured on logged steps, and on every step to clip.
+            grad_norm = get_total_norm([p.grad for p in params if p.grad is not None]) if logged or cfg.grad_clip \
+                else None
             if cfg.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
             optimizer.step()  # the update, identical on every rank because the gradients are
@@ -181,9 +201,9 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             if cfg.break_ != "no-zero-grad":
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()  # the lr for the next step
-            meter.record(step_loss, step_correct, grad_norm, len(idx))  # stays on the device: no host sync here
+            meter.record(step_loss, predicted, labels, grad_norm)  # stays on the device: no host sync here
             state.step_in_epoch, state.global_step = position + 1, state.global_step + 1
-            if state.global_step % cfg.log_every == 0:  # the only host syncs inside an epoch
+            if logged:  # the only host syncs inside an epoch
                 if stopped := guard.check_steps(state.global_step):
                     break
                 logger.step(meter, state.global_step, scheduler.get_last_lr()[0], state.epoch, state.elapsed(),
@@ -201,19 +221,20 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         # The epoch's one all-reduce (each collective is a round trip): train and validation sums and counts, the
         # non-finite check of the steps not checked yet, each rank's shard fingerprint, rank 0's checkpoint clock.
         order_fingerprint = fingerprint(order)
-        totals = meter.end_of_epoch(ctx, guard.checked, state.global_step, int(order_fingerprint[:13], 16),
-                                    checkpointer.due_by_clock(), extra=val_sums)
-        if stopped := guard.end_of_epoch(totals.bad_steps):
+        totals = meter.end_of_epoch(ctx, guard.checked, int(order_fingerprint[:13], 16), checkpointer.due_by_clock(),
+                                    extra=val_sums)
+        if stopped := guard.end_of_epoch(totals.bad, state.global_step):
             break
         val_loss, val_acc = validation.metrics(val_sums, totals.extra)
         train_seconds, samples_trained = train_seconds + epoch_seconds, samples_trained + len(sampler) * ctx.world_size
         row = summary.epoch_row(state, totals, (val_loss, val_acc), scheduler.get_last_lr()[0], epoch_seconds,
-                                len(sampler) * ctx.world_size, order_fingerprint, meter.series(0),
+                                len(sampler) * ctx.world_size, order_fingerprint,
                                 (trained_in_train_mode, validated_in_eval_mode))
         state.end_epoch(row, cfg.target_loss)
         meter.clear()
         if not math.isfinite(val_loss):  # reduced over ranks, so every rank takes this branch together
-            stopped = f"non-finite validation loss after epoch {state.epoch}"
+            stopped = (f"non-finite validation loss after epoch {state.epoch}: the weights went non-finite after the "
+                       "last checked step (--log-every 1 checks the gradient of every step)")
         due = checkpointer.due_at_epoch_end(totals.rank0_flag)
         is_best = due and state.improves_best(val_loss, val_acc)  # best.pt: the best of the checkpoints written
         logger.epoch(row, state.elapsed())

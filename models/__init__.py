@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from models.linear import LinearClassifier
@@ -33,3 +34,28 @@ def build_model(
         dropout=dropout,
         batchnorm=batchnorm,
     )
+
+
+@torch.no_grad()
+def multiply_adds(model: nn.Module, sample: torch.Tensor) -> int:
+    """Multiply-adds of one forward of `sample` (a batch of one) through the model's Linear and Conv layers: the
+    size of a step that train.py's default thread count is chosen from. Eval mode, so nothing is drawn or updated."""
+    total = 0
+
+    def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            k_h, k_w = module.kernel_size
+            total += output[0].numel() * (module.in_channels // module.groups) * k_h * k_w
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    was_training = model.training
+    try:
+        model.eval()(sample)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return total

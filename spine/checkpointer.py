@@ -23,12 +23,13 @@ from spine.config import Config
 from spine.distributed import DistContext, gather_objects, print0
 from spine.errors import TrainingError, UsageError
 from spine.metrics import EpochMeter
+from spine.optim import LRSchedule
 from spine.state import TrainState
 
 
 class Checkpointer:
     def __init__(self, cfg: Config, ctx: DistContext, dataset_fingerprint: str, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 optimizer: torch.optim.Optimizer, scheduler: LRSchedule,
                  state: TrainState, meter: EpochMeter) -> None:
         self.cfg, self.ctx, self.dataset_fingerprint = cfg, ctx, dataset_fingerprint
         self.model, self.optimizer, self.scheduler, self.state, self.meter = model, optimizer, scheduler, state, meter

@@ -126,9 +126,11 @@ class Config:
                                            "0 = off", check=(lambda v: _finite(v) and v >= 0, OFF_OR_MORE[1]))
     keep_checkpoints: int = flag(3, "outputs", "step checkpoints kept on disk (newest first); last.pt and best.pt "
                                  "point into them", check=POSITIVE)
-    log_every: int = flag(10, "outputs", "every N steps: per-step scalars to TensorBoard, a non-finite check, and a "
-                          "console line in long epochs", check=POSITIVE)
-    print_every: int = flag(1, "outputs", "console line every N epochs (the last is always printed)", check=POSITIVE)
+    log_every: int = flag(10, "outputs", "every N steps: the grad norm, per-step scalars to TensorBoard and a "
+                          "non-finite check; in long epochs also a console line, at most about one a second",
+                          check=POSITIVE)
+    print_every: int = flag(0, "outputs", "console line every N epochs; 0 = the first epoch, then about one a second "
+                            "(the last is always printed)", check=NON_NEGATIVE)
     tensorboard: bool = flag(True, "outputs", "write TensorBoard event files")
 
     def to_dict(self) -> dict[str, Any]:

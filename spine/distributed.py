@@ -8,6 +8,7 @@ never branches on the launcher.
 from __future__ import annotations
 
 import gc
+import math
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -17,6 +18,7 @@ from datetime import timedelta
 import psutil
 import torch
 import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 
 from spine.errors import UsageError
 
@@ -65,18 +67,52 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def default_threads(local_world_size: int) -> int:
-    """Physical cores this process may use, split evenly between the ranks on this node.
+# Multiply-adds per optimizer step per rank above which a rank uses all its cores (below it, one thread): small
+# steps gain nothing from more threads and lose to their synchronisation; measured by make bench
+# (reports/bench/bench.md, "threads"), where the crossover on this 2-core machine lay between 2M and 34M.
+MULTI_THREAD_MACS = 10_000_000
 
-    More threads than cores makes ranks fight for them: on 2 cores, 2 ranks x 2
-    threads ran at about 0.4x of 2 ranks x 1 thread.
-    """
-    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+def cores_per_rank(local_world_size: int) -> int:
+    """Physical cores this process may use (its CPU affinity and any cgroup CPU quota of a container), split
+    evenly between the ranks on this node. More threads than cores makes ranks fight for them."""
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     try:
-        physical = min(physical, len(os.sched_getaffinity(0)))
+        cores = min(cores, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         pass
-    return max(1, physical // local_world_size)
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, quota)
+    return max(1, cores // local_world_size)
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
+    """The CPUs a container's cgroup allows (quota / period, rounded up), or None when unlimited or unknown."""
+    try:
+        quota, period = open(f"{root}/cpu.max").read().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota = int(open(f"{root}/cpu/cpu.cfs_quota_us").read())
+        period = int(open(f"{root}/cpu/cpu.cfs_period_us").read())
+        return max(1, math.ceil(quota / period)) if quota > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def default_threads(local_world_size: int, macs_per_step: int) -> int:
+    """One thread for a small step, every core of the rank for a large one (MULTI_THREAD_MACS).
+
+    Extra threads of a small step only wait on each other, and on a busy machine a preempted thread stalls the
+    whole step (measured: 2 threads at 0.41x of 1 on a tiny MLP under load). train.py also sets
+    OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP, so waiting threads sleep instead of spinning: that keeps
+    many threads from falling behind one thread on a loaded machine (measured 1.35x of 1 thread instead of 0.5x).
+    """
+    return 1 if macs_per_step < MULTI_THREAD_MACS else cores_per_rank(local_world_size)
 
 
 @contextmanager
@@ -84,7 +120,7 @@ def distributed_session(device: str, threads: int, timeout_s: float) -> Iterator
     """Join the process group (when launched with several ranks) and always leave it."""
     rank, local_rank, world, local_world = launch_env()
     dev = pick_device(device, local_rank)
-    n_threads = threads or default_threads(local_world)
+    n_threads = threads or cores_per_rank(local_world)  # train.py settles the default once the model exists
     torch.set_num_threads(n_threads)
     backend = "none"
     if world > 1:
@@ -171,3 +207,22 @@ def grad_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def epoch_indices(sampler: DistributedSampler, device: torch.device) -> torch.Tensor:
+    """This rank's indices for the sampler's current epoch, exactly as iterating the sampler yields them (its
+    permutation of seed + epoch, padded by repeating the front, every world-th from this rank's position), but
+    built with tensor ops: a list of 100k Python ints per epoch costs milliseconds."""
+    n = len(sampler.dataset)  # type: ignore[arg-type]
+    if sampler.shuffle:
+        generator = torch.Generator()
+        generator.manual_seed(sampler.seed + sampler.epoch)
+        indices = torch.randperm(n, generator=generator)
+    else:
+        indices = torch.arange(n)
+    if sampler.drop_last:
+        indices = indices[:sampler.total_size]
+    elif sampler.total_size > n:
+        padding = sampler.total_size - n
+        indices = torch.cat([indices, indices.repeat(math.ceil(padding / n))[:padding]])
+    return indices[sampler.rank:sampler.total_size:sampler.num_replicas].to(device)

@@ -21,33 +21,44 @@ def non_finite_message(bad_steps: list[float]) -> str | None:
 
 
 class NonFiniteGuard:
+    """The healthy path costs one small all-reduce of per-rank flags; only when a flag is up does a second
+    collective find the first bad step and its rank (every rank takes that path together: the flags are reduced)."""
+
     def __init__(self, ctx: DistContext, params: list[torch.nn.Parameter], meter: EpochMeter) -> None:
         self.ctx, self.params, self.meter = ctx, params, meter
         self.checked = len(meter)  # steps of this epoch already checked (a mid-epoch resume starts past some)
 
     def check_steps(self, global_step: int) -> str | None:
         """Collective: the first non-finite loss or gradient since the last check, on any rank."""
-        return self._reduce(global_step, with_params=False)
+        return self._check(global_step, with_params=False)
 
     def check_before_save(self, global_step: int) -> str | None:
         """Collective: as check_steps, and the weights themselves, in the same all-reduce."""
-        return self._reduce(global_step, with_params=True)
+        return self._check(global_step, with_params=True)
 
-    def end_of_epoch(self, bad_steps: list[float]) -> str | None:
-        """The epoch's all-reduce already carried the check of its last steps; the next epoch starts unchecked."""
+    def end_of_epoch(self, bad: list[float], global_step: int) -> str | None:
+        """The epoch's all-reduce carried the flags of its unchecked steps (`bad`, per rank); the next epoch starts
+        unchecked."""
+        problem = self._locate(global_step) if any(bad) else None
         self.checked = 0
-        return non_finite_message(bad_steps)
+        return problem
 
-    def _reduce(self, global_step: int, with_params: bool) -> str | None:
-        world, rank = self.ctx.world_size, self.ctx.rank
-        slots = torch.zeros(2 * world, dtype=torch.float64, device=self.ctx.device)
-        slots[rank] = self.meter.first_bad_step(self.checked, global_step)
+    def _check(self, global_step: int, with_params: bool) -> str | None:
+        flag = self.meter.any_bad(self.checked).double()  # 1: a step; +2: the weights
         if with_params:
-            finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
-            slots[world + rank] = (~finite).double()
-        values = all_reduce_sum(slots).tolist()
+            flag = flag + 2 * (~torch.stack([torch.isfinite(p).all() for p in self.params]).all()).double()
+        flags = self._per_rank(flag)
+        problem = self._locate(global_step) if any(f % 2 for f in flags) else None
         self.checked = len(self.meter)
-        problem = non_finite_message(values[:world])
-        if problem is None and any(values[world:]):
+        if problem is None and any(f >= 2 for f in flags):
             problem = f"non-finite parameters at step {global_step}"
         return problem
+
+    def _locate(self, global_step: int) -> str | None:
+        """Second collective, failure path only: every rank's first bad step since the last check."""
+        return non_finite_message(self._per_rank(self.meter.first_bad_step(self.checked, global_step)))
+
+    def _per_rank(self, value: torch.Tensor) -> list[float]:
+        slots = torch.zeros(self.ctx.world_size, dtype=torch.float64, device=self.ctx.device)
+        slots[self.ctx.rank] = value
+        return all_reduce_sum(slots).tolist()

@@ -10,15 +10,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
+import sys
 import time
 from pathlib import Path
-
-import psutil
 
 from spine.metrics import EpochMeter
 
 # TensorBoard's writer flushes to disk every 120 s by default anyway, so holding scalars for 10 s hides nothing.
 TB_HANDOFF_SECONDS = 10.0
+# metrics.jsonl reaches the disk at least this often, and always before a checkpoint (RunLogger.flush): epochs lost
+# in a crash after that are the ones a resume trains again, and it truncates the file to its checkpoint anyway.
+FLUSH_SECONDS = 1.0
+# The default console cadence (--print-every 0): an epoch line about this often, the first and the last always.
+PRINT_SECONDS = 1.0
 
 COLUMNS = [
     # (header, width, format)
@@ -48,16 +53,17 @@ def fmt_seconds(s: float) -> str:
 
 class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None,
-                 keep_epochs: int, epochs: int = 0, print_every: int = 1) -> None:
+                 keep_epochs: int, epochs: int = 0, print_every: int = 0) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self.epochs, self.print_every = epochs, print_every  # the console's epoch lines and their ETA
         self._started, self._first_epoch = time.perf_counter(), keep_epochs
+        self._last_epoch_logged = self._last_flush = self._started
+        self._last_printed: float | None = None  # when the last epoch line went to the console
         self.writer = None
         self._pending: list = []  # (step, Summary, walltime) not yet handed to the TensorBoard writer
         self._last_handoff = time.perf_counter()
         self._rows_printed = 0
-        self._process = psutil.Process()
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,13 +135,16 @@ class RunLogger:
         self._last_handoff = time.perf_counter()
 
     def step(self, meter: EpochMeter, step: int, lr: float, epoch: int, elapsed: float, console: bool) -> None:
-        """The latest step's scalars for TensorBoard, every --log-every steps; a console line in long epochs."""
+        """The latest step's scalars for TensorBoard, every --log-every steps; in long epochs (`console`) a console
+        line too, at most about one a second."""
         if not self.enabled:
             return
         losses, norms = meter.series(len(meter) - 1)
         if self.writer:
             self._scalars(step, {"step/train_loss": losses[0], "step/lr": lr, "step/grad_norm": norms[0]})
-        if console:
+        clock = time.perf_counter()
+        if console and (self._last_printed is None or clock - self._last_printed >= PRINT_SECONDS):
+            self._last_printed = clock
             self.table_row({"epoch": epoch + 1, "step": step, "train_loss": losses[0], "lr": lr,
                             "grad_norm": norms[0], "elapsed": fmt_seconds(elapsed)})
 
@@ -143,18 +152,24 @@ class RunLogger:
         """One completed epoch: a metrics.jsonl line, TensorBoard scalars, and every --print-every a console line."""
         if not self.enabled:
             return
-        epoch = record["epoch"]
-        if epoch % self.print_every == 0 or epoch == self.epochs:
+        epoch, clock = record["epoch"], time.perf_counter()
+        by_clock = self._last_printed is None or clock - self._last_printed >= PRINT_SECONDS
+        if (epoch % self.print_every == 0 if self.print_every else by_clock) or epoch == self.epochs:
+            self._last_printed = clock
             per_epoch = (time.perf_counter() - self._started) / max(1, epoch - self._first_epoch)
             self.table_row(dict(record, **{"samples/s": record["samples_per_sec"]}, elapsed=fmt_seconds(elapsed),
                                 eta=fmt_seconds(per_epoch * (self.epochs - epoch))))
-        record = dict(record, rss_mb=self._process.memory_info().rss / 2**20)
+        # Wall time since the previous epoch's row: its steps, validation, all-reduce, logging and any checkpoint.
+        record = dict(record, epoch_wall_seconds=clock - self._last_epoch_logged, peak_rss_mb=_peak_rss_mb())
+        self._last_epoch_logged = clock
         self.metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
-        self.metrics_file.flush()
+        if clock - self._last_flush >= FLUSH_SECONDS:  # a crash loses only epochs that a resume trains again
+            self.metrics_file.flush()
+            self._last_flush = clock
         if self.writer:
             values = {key: record[key.replace("/", "_")] for key in ("train/loss", "train/acc", "val/loss", "val/acc")}
             values.update({"perf/samples_per_sec": record["samples_per_sec"], "train/epoch": record["epoch"],
-                           "perf/epoch_seconds": record["epoch_seconds"], "perf/rss_mb": record["rss_mb"]})
+                           "perf/epoch_seconds": record["epoch_seconds"], "perf/peak_rss_mb": record["peak_rss_mb"]})
             self._scalars(record["step"], values)
 
     def partial_epoch(self, meter: EpochMeter, state) -> None:
@@ -216,6 +231,12 @@ class RunLogger:
 
 def now() -> float:
     return time.perf_counter()
+
+
+def _peak_rss_mb() -> float:
+    """The process's peak resident memory so far: one system call (reading /proc costs more, on every epoch)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict]]:

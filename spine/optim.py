@@ -31,8 +31,38 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> 
     return 1.0
 
 
+class LRSchedule:
+    """Per step, each parameter group's lr = its peak x lr_factor(step): LambdaLR's arithmetic (the same floats)
+    without its bookkeeping, which costs ~15 µs a step, about 1% of a small one. `step()` after `optimizer.step()`
+    sets the lr of the next step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, schedule: str, warmup_steps: int) -> None:
+        self.optimizer, self.total_steps, self.schedule, self.warmup_steps = optimizer, total_steps, schedule, \
+            warmup_steps
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]  # the peaks
+        self.last_epoch = 0  # steps taken (LambdaLR's name, so its state_dict loads too)
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = lr_factor(self.last_epoch, self.total_steps, self.schedule, self.warmup_steps)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The step count and peaks; the current lr comes back with the optimizer's own state."""
+        self.last_epoch, self.base_lrs = state["last_epoch"], list(state["base_lrs"])
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, schedule: str,
-                    warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, schedule, warmup_steps)
-    )
+                    warmup_steps: int) -> LRSchedule:
+    return LRSchedule(optimizer, total_steps, schedule, warmup_steps)

@@ -4,7 +4,6 @@ the last. Everything here is reporting; nothing changes what is trained."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -12,6 +11,7 @@ from data import SplitDataset
 from spine.config import Config
 from spine.distributed import DistContext
 from spine.logger import RunLogger, fmt_seconds, read_run
+from spine.metrics import EpochTotals
 from spine.state import TrainState
 from spine.symptoms import detect as detect_symptoms
 
@@ -35,14 +35,15 @@ def header(cfg: Config, ctx: DistContext, data: SplitDataset, model: torch.nn.Mo
     ]
 
 
-def epoch_row(state: TrainState, totals: Any, val: tuple[float, float], lr: float, epoch_seconds: float,
-              samples: int, order_fingerprint: str, meter_series: tuple[list[float], list[float]],
-              modes: tuple[bool, bool]) -> dict:
+def epoch_row(state: TrainState, totals: EpochTotals, val: tuple[float, float], lr: float, epoch_seconds: float,
+              samples: int, order_fingerprint: str, modes: tuple[bool, bool]) -> dict:
     """One line of metrics.jsonl: the completed epoch's global metrics, this rank's per-step series, and the
     facts the symptom detectors read (order and shard fingerprints, the modes seen)."""
-    step_losses, step_grad_norms = meter_series
+    step_losses, step_grad_norms = totals.step_losses, totals.step_grad_norms
+    measured = [v for v in step_grad_norms if v is not None]
     return {"epoch": state.epoch + 1, "step": state.global_step, "train_loss": totals.loss, "train_acc": totals.acc,
-            "val_loss": val[0], "val_acc": val[1], "lr": lr, "grad_norm": sum(step_grad_norms) / len(step_grad_norms),
+            "val_loss": val[0], "val_acc": val[1], "lr": lr,
+            "grad_norm": sum(measured) / len(measured) if measured else None,
             "samples_per_sec": samples / epoch_seconds, "epoch_seconds": epoch_seconds,
             "order_fingerprint": order_fingerprint, "step_losses": step_losses, "step_grad_norms": step_grad_norms,
             "shard_fingerprints": totals.shard_fingerprints,
