@@ -1,46 +1,50 @@
-"""The loops train.py is compared with: bare (also as bare DDP) and tutorial-style.
+"""The reference train.py is measured against: a bare loop that does the work the mission requires.
 
-Each takes a model and optimizer built exactly as train.py builds them (same
-data, seed, Adam lr 0.01, per-rank batch) and returns (first loss, last loss)
-so a caller can check it really trained. Only the loop itself is timed by the
-caller; building the model and optimizer is set-up, as it is for train.py.
+A bare loop over in-memory tensors (one process, or one rank of bare DDP): a shuffle per epoch, forward, loss,
+backward, step, zero-grad, and once per epoch a validation pass in eval mode under no_grad whose sums are
+all-reduced at world > 1. Nothing else: no metrics, logging, checks or checkpoints. The model, optimizer and data
+are built exactly as train.py builds them, and the caller times only the loop.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TextIO
+import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from data import SplitDataset, build_dataset
 from models import build_model
 from spine.config import Config
+from spine.distributed import all_reduce_sum
 from spine.optim import build_optimizer
 
 
-def build_problem(cfg: Config) -> tuple[SplitDataset, nn.Module, torch.optim.Optimizer]:
-    """Data, model and optimizer as train.py builds them from `cfg` (CPU)."""
+def build_problem(cfg: Config, device: torch.device) -> tuple[SplitDataset, nn.Module, torch.optim.Optimizer]:
+    """Data, model and optimizer as train.py builds them from `cfg`."""
     data = build_dataset(cfg.dataset, cfg.n_samples, cfg.val_fraction, cfg.noise, cfg.dim, cfg.classes,
-                         cfg.data_seed, cfg.order)
+                         cfg.data_seed, cfg.order).to(device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.in_dim, data.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
-                        cfg.batchnorm)
-    optimizer = build_optimizer(cfg.optimizer, list(model.parameters()), cfg.lr, cfg.momentum, cfg.weight_decay)
+                        cfg.batchnorm).to(device)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     return data, model, optimizer
 
 
-def bare_loop(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-              batch_size: int, epochs: int, rank: int = 0, world: int = 1, seed: int = 0) -> tuple[float, float]:
-    """What one writes by hand over in-memory tensors. At world > 1 the caller wraps `model` in DDP (bare DDP):
-    each rank takes its 1/world slice of the same permutation, as DistributedSampler does."""
+def bare_loop(model: nn.Module, optimizer: torch.optim.Optimizer, data: SplitDataset, batch_size: int, epochs: int,
+              rank: int = 0, world: int = 1, seed: int = 0, eval_batch: int = 4096,
+              epoch_ends: list[float] | None = None) -> tuple[float, float]:
+    """What one writes by hand, validation included; at world > 1 the caller wraps `model` in DDP (bare DDP) and
+    each rank takes its 1/world slice of the same permutation. Returns (first loss, last validation loss); appends
+    the clock at each epoch's end to `epoch_ends`."""
     loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(seed)
-    first = last = None
+    x, y = data.train_x, data.train_y
+    generator = torch.Generator().manual_seed(seed)
+    first, val_loss = None, float("nan")
     for _ in range(epochs):
-        shard = torch.randperm(len(x), generator=gen)[rank::world]  # same permutation on every rank
+        model.train()
+        shard = torch.randperm(len(x), generator=generator)[rank::world].to(x.device)
         for start in range(0, len(shard), batch_size):
             idx = shard[start:start + batch_size]
             loss = loss_fn(model(x[idx]), y[idx])
@@ -48,26 +52,18 @@ def bare_loop(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tenso
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             first = loss.detach() if first is None else first
-        last = loss.detach()
-    return first.item(), last.item()
-
-
-def tutorial_loop(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                  batch_size: int, epochs: int, log: TextIO, seed: int = 0) -> tuple[float, float]:
-    """The loop tutorials teach: DataLoader with default collate, DistributedSampler, a log line every step."""
-    loss_fn = nn.CrossEntropyLoss()
-    dataset = TensorDataset(x, y)
-    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-    first = last = math.nan
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        for step, (xb, yb) in enumerate(loader):
-            optimizer.zero_grad()
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            last = loss.item()
-            first = last if math.isnan(first) else first
-            print(f"epoch {epoch} step {step} loss {last:.4f}", file=log)
-    return first, last
+        model.eval()
+        with torch.no_grad():
+            sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss sum, correct, count
+            mine = torch.arange(rank, len(data.val_x), world, device=x.device)
+            for start in range(0, len(mine), eval_batch):
+                idx = mine[start:start + eval_batch]
+                logits = model(data.val_x[idx])
+                sums[0] += F.cross_entropy(logits, data.val_y[idx], reduction="sum").double()
+                sums[1] += (logits.argmax(1) == data.val_y[idx]).sum()
+                sums[2] += len(idx)
+            loss_sum, _, count = all_reduce_sum(sums).tolist()
+            val_loss = loss_sum / count
+        if epoch_ends is not None:
+            epoch_ends.append(time.perf_counter())
+    return first.item(), val_loss

@@ -1,43 +1,65 @@
-"""One benchmark process (world 1) or rank (world 2 under torchrun): interleaved timed runs of each loop.
+"""One benchmark process (world 1) or rank (world 2 under torchrun): interleaved timed runs of each loop of a case.
 
-    python -m launch.bench_worker --out results.jsonl --hidden 64,64 --epochs 100 --repeats 5
-    torchrun --standalone --nproc_per_node=2 launch/bench_worker.py --out ... (bare DDP vs train.py)
+    python -m launch.bench_worker --case default --out results.jsonl --repeats 5
+    torchrun --standalone --nproc_per_node=2 -m launch.bench_worker --case world2 ...
 
-Every loop runs in this same process, one after the other, repeat after repeat (the order rotates each
-repeat), so they share the machine's load. What is timed:
-  - bare / tutorial: the loop only (model and optimizer are built first, untimed);
-  - train.py: `loop_seconds` of train() (summary.json): every epoch with all it does, i.e. steps,
-    bookkeeping, metric reduction, validation, logging, TensorBoard and checkpoints at the default cadence,
-    including the final checkpoint; not the set-up before the first epoch nor the summary after the last.
-    The whole train() call is recorded too (`call_seconds`).
-Rank 0 appends one JSON line per timed run to --out.
+Every loop of the case runs in this same process, one after the other, repeat after repeat (the order rotates each
+repeat), so all of them share the machine's load: its speed drifts by +-25% over seconds on these shared machines,
+so each timed run is short and its neighbours in the same repeat are its comparison. What is timed is the wall time
+of every epoch but the first (its warm-up), summed: for train.py each epoch row's `epoch_wall_seconds` (steps,
+validation, the all-reduce, logging, checkpoints; the final checkpoint, after the last row, is its own row).
+  bare           launch/bench_loops.py: the bare loop with its per-epoch validation (bare DDP at world 2)
+  train.py       train.run() with its defaults
+  train.py quiet the same without TensorBoard, per-step scalars or console lines (the logging row)
+Rank 0 appends one JSON line per repeat and loop to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
-import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import train as train_py
-from launch.bench_loops import bare_loop, build_problem, tutorial_loop
+import train
+from launch.bench_loops import bare_loop, build_problem
 from spine import checkpoint as ckpt
 from spine.config import parse_config
-from spine.distributed import DistContext, barrier, default_threads, distributed_session, launch_env
+from spine.distributed import DistContext, barrier, distributed_session
+from spine.logger import read_run
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# train.py with its TensorBoard, per-step logging and console lines switched off: the bookkeeping baseline.
+# The logging row's baseline: TensorBoard, per-step scalars and console lines off.
 QUIET = ["--no-tensorboard", "--log-every", "1000000000", "--print-every", "1000000000"]
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    flags: tuple[str, ...]  # train.py flags of the recipe
+    epochs: int  # per timed run; the first is warm-up and not counted
+    world: int = 1
+
+
+CASES = {
+    "default": Case("default recipe (make overfit: moons 200, MLP 64-64, batch 32, 5 steps/epoch)", (), 30),
+    "rule20k": Case("rule 20,000 samples, 8-d, 4 classes, MLP 64-64, batch 64 (250 steps/epoch)",
+                    ("--dataset", "rule", "--dim", "8", "--classes", "4", "--n-samples", "20000",
+                     "--batch-size", "64"), 3),
+    "medium": Case("medium MLP 1024-1024, moons 4,000, batch 32 (100 steps/epoch)",
+                   ("--hidden", "1024,1024", "--n-samples", "4000"), 3),
+    "world2": Case("world 2 (gloo): rule 20,000, MLP 64-64, 32 per rank (250 steps/epoch)",
+                   ("--dataset", "rule", "--dim", "8", "--classes", "4", "--n-samples", "20000",
+                    "--batch-size", "32"), 3, world=2),
+}
+
+THREAD_CASES = {"default": 60, "medium": 2}  # case -> epochs of each timed run in make bench's thread study
 
 
 class CheckpointClock:
@@ -65,87 +87,72 @@ class CheckpointClock:
 
 
 def run_train_py(args: list[str], ctx: DistContext, scratch: Path, name: str, clock: CheckpointClock) -> dict:
-    cfg = parse_config(args + ["--runs-dir", str(scratch / "runs"), "--checkpoints-dir", str(scratch / "ckpt"),
-                               "--run-name", name, "--overwrite"], world_size=ctx.world_size)
+    argv = args + ["--runs-dir", str(scratch / "runs"), "--checkpoints-dir", str(scratch / "ckpt"),
+                   "--run-name", name, "--overwrite", "--threads", str(ctx.threads)]
     clock.reset()
     with open(scratch / f"{name}.log", "w") as log, contextlib.redirect_stdout(log):
-        t = time.perf_counter()
-        summary = train_py.train(cfg, ctx)
-        call = time.perf_counter() - t
-    return {"seconds": summary["loop_seconds"], "call_seconds": call, "steps": summary["global_step"],
-            "first_loss": summary["first_step_loss"], "last_loss": summary["final"]["train_loss"],
-            "checkpoint_seconds": clock.seconds, "checkpoints": clock.saves,
-            "process_threads": psutil.Process().num_threads()}
+        code = train.run(argv, ctx)
+    if code != 0:
+        raise SystemExit(f"bench: train.py {' '.join(argv)} exited {code}; see {scratch / f'{name}.log'}")
+    if not ctx.is_main:  # only rank 0 writes the run's files, and only rank 0 records the row
+        return {"seconds": 0.0, "steps": 0, "checkpoint_seconds": 0.0, "checkpoints": 0}
+    summary, epochs = read_run(scratch / "runs" / name)
+    return {"seconds": sum(e["epoch_wall_seconds"] for e in epochs[1:]), "epochs": len(epochs) - 1,
+            "steps": sum(e["step"] for e in epochs[-1:]) - epochs[0]["step"], "loop_seconds": summary["loop_seconds"],
+            "first_loss": summary["first_step_loss"], "last_loss": summary["final"]["val_loss"],
+            "checkpoint_seconds": clock.seconds, "checkpoints": clock.saves}
 
 
-def run_reference(kind: str, args: list[str], ctx: DistContext, scratch: Path) -> dict:
+def run_bare(args: list[str], ctx: DistContext) -> dict:
     cfg = parse_config(args, world_size=ctx.world_size)
-    data, model, optimizer = build_problem(cfg)
-    x, y = data.train_x, data.train_y
+    data, model, optimizer = build_problem(cfg, ctx.device)
     if ctx.world_size > 1:
         model = DDP(model)  # wrapped before the clock starts, as train.py does
     barrier()
-    t = time.perf_counter()
-    if kind == "tutorial":
-        with open(scratch / "tutorial.log", "w") as log:
-            first, last = tutorial_loop(model, optimizer, x, y, cfg.batch_size, cfg.epochs, log, cfg.seed)
-    else:
-        first, last = bare_loop(model, optimizer, x, y, cfg.batch_size, cfg.epochs, ctx.rank, ctx.world_size,
-                                cfg.seed)
-    seconds = time.perf_counter() - t
-    steps = cfg.epochs * math.ceil(math.ceil(len(x) / ctx.world_size) / cfg.batch_size)
-    return {"seconds": seconds, "steps": steps, "first_loss": first, "last_loss": last}
+    epoch_ends: list[float] = []
+    first, last = bare_loop(model, optimizer, data, cfg.batch_size, cfg.epochs, ctx.rank, ctx.world_size, cfg.seed,
+                            cfg.eval_batch_size, epoch_ends)
+    shard = -(-len(data.train_x) // ctx.world_size)
+    return {"seconds": epoch_ends[-1] - epoch_ends[0], "epochs": cfg.epochs - 1,
+            "steps": (cfg.epochs - 1) * -(-shard // cfg.batch_size), "first_loss": first, "last_loss": last}
 
 
 def run_kind(kind: str, args: list[str], ctx: DistContext, scratch: Path, clock: CheckpointClock) -> dict:
-    if kind == "bare default threads":  # the bare loop at the thread count train.py would pick by default
-        threads = torch.get_num_threads()
-        torch.set_num_threads(default_threads(ctx.local_world_size))
-        try:
-            return dict(run_reference("bare", args, ctx, scratch), threads=torch.get_num_threads())
-        finally:
-            torch.set_num_threads(threads)
-    if kind == "train.py":
-        return run_train_py(args, ctx, scratch, "default", clock)
-    if kind == "train.py quiet":
-        return run_train_py(args + QUIET, ctx, scratch, "quiet", clock)
-    return run_reference(kind, args, ctx, scratch)
+    if kind == "bare":
+        return run_bare(args, ctx)
+    return run_train_py(args + (QUIET if kind == "train.py quiet" else []), ctx, scratch, kind.replace(" ", "-"),
+                        clock)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", required=True, choices=CASES)
     p.add_argument("--out", required=True, help="JSON lines are appended here (rank 0)")
-    p.add_argument("--label", required=True, help="name of the model size in the table, e.g. tiny")
-    p.add_argument("--hidden", default="64,64")
-    p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--slow-kind-epochs", type=int, default=20,
-                   help="epochs for 'bare default threads', which can be very slow on a shared machine")
-    p.add_argument("--kinds", default="bare,tutorial,train.py,train.py quiet")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank for every loop; 0 = train.py's "
-                   "default (physical cores // ranks)")
+    p.add_argument("--kinds", default="bare,train.py,train.py quiet")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--epochs", type=int, default=0, help="epochs per timed run instead of the case's (tests only)")
     opts = p.parse_args()
-    kinds = opts.kinds.split(",")
-    world = launch_env()[2]
-    with (distributed_session("cpu", opts.threads, 120.0) as ctx, CheckpointClock() as clock,
+    case, kinds = CASES[opts.case], opts.kinds.split(",")
+    epochs = opts.epochs or case.epochs
+    with (distributed_session(opts.device, 1, 120.0) as ctx, CheckpointClock() as clock,
           tempfile.TemporaryDirectory(prefix="bench-") as tmp):
         scratch = Path(tmp) / f"rank{ctx.rank}"
         scratch.mkdir()
+        base = [*case.flags, "--device", opts.device]
         for kind in kinds:  # warm-up, untimed: lazy imports, allocator, first optimizer step
-            run_kind(kind, ["--hidden", opts.hidden, "--epochs", "2"], ctx, scratch, clock)
+            run_kind(kind, base + ["--epochs", "2"], ctx, scratch, clock)
         for repeat in range(opts.repeats):
             shift = repeat % len(kinds)
             for kind in kinds[shift:] + kinds[:shift]:
+                gc.collect()  # the garbage of earlier runs in this process must not land in this one's time
                 barrier()
-                epochs = opts.slow_kind_epochs if kind == "bare default threads" else opts.epochs
-                result = run_kind(kind, ["--hidden", opts.hidden, "--epochs", str(epochs)], ctx, scratch, clock)
+                timed = run_kind(kind, base + ["--epochs", str(epochs)], ctx, scratch, clock)
                 if ctx.is_main:
-                    result.update(label=opts.label, hidden=opts.hidden, world=world, kind=kind, repeat=repeat,
-                                  epochs=epochs, backend=ctx.backend, physical_cores=default_threads(1),
-                                  default_threads=default_threads(ctx.local_world_size),
-                                  threads_per_rank=result.get("threads", ctx.threads))
+                    row = dict(timed, case=opts.case, world=ctx.world_size, kind=kind, repeat=repeat,
+                               device=opts.device)
                     with open(opts.out, "a") as f:
-                        f.write(json.dumps(result) + "\n")
+                        f.write(json.dumps(row) + "\n")
         barrier()
     return 0
 

@@ -72,12 +72,14 @@ def main() -> int:
     p.add_argument("--out", default="reports/break")
     p.add_argument("--only", nargs="*", help="run just these (names as in the table); baselines always run")
     p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--epochs", type=int, default=40, help="epochs of every run (the tests use fewer)")
+    p.add_argument("--figures", nargs="*", help="draw only these runs' overlays (default: all; ~0.5 s each)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = experiments()
     names = [n for n in table if not args.only or n in args.only or n.startswith("baseline")]
-    extra = ["--no-tensorboard"] if args.no_tensorboard else []
+    extra = (["--no-tensorboard"] if args.no_tensorboard else []) + ["--epochs", str(args.epochs)]
     runs: dict[str, RunRecord] = {}
     for world in (1, 2):
         chosen = [n for n in names if table[n][0] == world]
@@ -94,7 +96,7 @@ def main() -> int:
         crashed = r.returncode not in (0, 3) or not r.summary
         ok = ok and not crashed and expected <= set(r.summary.get("symptoms", []))
         ok = ok and (bool(expected) or not r.summary.get("symptoms"))
-        if not name.startswith("baseline") and not crashed:
+        if not name.startswith("baseline") and not crashed and (args.figures is None or name in args.figures):
             overlay(name, r, runs["baseline" if world == 1 else "baseline, world 2"], out / f"{slug(name)}.png")
     text = ("Every deliberate bug against its baseline, same seed and configuration. "
             "Regenerate with `make break`.\n\n" + "\n".join(lines) + "\n")

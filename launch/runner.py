@@ -106,16 +106,18 @@ def run_many(runs: list[tuple[list[str], str]], out: Path, world: int, *, overwr
         return [run(args, out, name, overwrite=overwrite) for args, name in runs]
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    specs = [{"name": name, "argv": list(args) + outputs(out, name, overwrite)} for args, name in runs]
+    # Log files by position: a run may resume an earlier one of the same name in the same batch.
+    specs = [{"name": name, "log": f"{i:03d}-{name}", "argv": list(args) + outputs(out, name, overwrite)}
+             for i, (args, name) in enumerate(runs)]
     for spec in specs:  # an exit file left by an earlier batch must not pass for this one's
-        (logs / f"{spec['name']}.exit").unlink(missing_ok=True)
+        (logs / f"{spec['log']}.exit").unlink(missing_ok=True)
     spec_file = logs / f"batch-{os.getpid()}-{specs[0]['name']}.json"
     spec_file.write_text(json.dumps({"threads": threads, "runs": specs, "logs": str(logs)}))
     code, stdout, stderr = _subprocess([TORCHRUN, "--standalone", f"--nproc_per_node={world}", "-m", "launch.runner",
                                         "--worker", str(spec_file)], {"OMP_NUM_THREADS": str(threads)}, ROOT, timeout)
     records = []
-    for args, name in runs:
-        result, own_out, own_err = (logs / f"{name}{suffix}" for suffix in (".exit", ".out", ".err"))
+    for (args, name), spec in zip(runs, specs, strict=True):
+        result, own_out, own_err = (logs / f"{spec['log']}{suffix}" for suffix in (".exit", ".out", ".err"))
         finished = result.exists()  # else the job died in this run or before it: its output tells why
         records.append(RunRecord(name, list(args), int(result.read_text()) if finished else (code or 1),
                                  own_out.read_text() if own_out.exists() else "",
@@ -126,6 +128,7 @@ def run_many(runs: list[tuple[list[str], str]], out: Path, world: int, *, overwr
 
 def _subprocess(cmd: list[str], env: dict[str, str] | None, cwd: Path | None, timeout: float) -> tuple[int, str, str]:
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py sets it, for children that import torch first
     full_env.pop("WORLD_SIZE", None)  # a runner inside a torchrun job must not hand its own world to the child
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     try:
@@ -172,11 +175,11 @@ def _worker(spec_file: Path) -> int:
     with distributed_session("auto", spec["threads"], 120.0) as ctx:
         for one in spec["runs"]:
             suffix = "" if ctx.is_main else f".rank{ctx.rank}"
-            with (open(logs / f"{one['name']}.out{suffix}", "w") as out, open(logs / f"{one['name']}.err{suffix}", "w")
+            with (open(logs / f"{one['log']}.out{suffix}", "w") as out, open(logs / f"{one['log']}.err{suffix}", "w")
                   as err, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
                 code = train.run(one["argv"], ctx)
             if ctx.is_main:
-                (logs / f"{one['name']}.exit").write_text(str(code))
+                (logs / f"{one['log']}.exit").write_text(str(code))
     return 0
 
 
