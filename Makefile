@@ -53,7 +53,7 @@ bench: $(STAMP) ## train.py's loop vs bare, tutorial and bare-DDP loops, side by
 
 test: $(STAMP) ## ruff, then the test suite (CPU, gloo, real processes)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .

@@ -11,7 +11,17 @@ import torch.multiprocessing as mp
 
 from launch.runner import ROOT, TORCHRUN, TRAIN, RunRecord, run
 
-__all__ = ["ROOT", "TORCHRUN", "TRAIN", "free_port", "run_train", "spawn_ranks"]
+__all__ = ["ROOT", "TORCHRUN", "TRAIN", "WORLD2_RUNS", "free_port", "run_train", "spawn_ranks", "world2_run"]
+
+# Plain world-2 runs the test modules declare at import; conftest's `world2` fixture runs them all, in this order,
+# as ONE torchrun job (one start of torchrun and the process group instead of one per test): label -> (args, name).
+WORLD2_RUNS: dict[str, tuple[list[str], str]] = {}
+
+
+def world2_run(label: str, args: list[str], name: str | None = None) -> str:
+    """Declare a world-2 run for the session's shared torchrun job; returns its label (a key of `world2`)."""
+    WORLD2_RUNS[label] = (list(args), name or label)
+    return label
 
 
 def run_train(tmp: Path, args: list[str], world: int = 1, name: str = "run", timeout: float = 120,

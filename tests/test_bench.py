@@ -5,63 +5,41 @@ Timings are never asserted: they depend on the machine and its load.
 
 from __future__ import annotations
 
-import pytest
+import torch
 
 from launch.bench_table import build_table
-from launch.bench_worker import CheckpointClock, run_kind
+from launch.bench_worker import CASES, CheckpointClock, run_kind
 from spine.distributed import distributed_session
-from tests.helpers import spawn_ranks
 
-WORLD1_KINDS = ["bare", "tutorial", "train.py", "train.py quiet", "bare default threads"]
-TINY_RUN = ["--hidden", "16", "--epochs", "2"]
+TINY = ["--hidden", "16", "--epochs", "3"]
 
 
-def _run(kinds: list[str], label: str, scratch, world: int) -> list[dict]:
+def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
     rows = []
     with distributed_session("cpu", 1, 60.0) as ctx, CheckpointClock() as clock:
-        for kind in kinds:
-            r = run_kind(kind, TINY_RUN, ctx, scratch, clock)
-            r.update(label=label, world=world, kind=kind, repeat=0, epochs=2, physical_cores=2, default_threads=1,
-                     threads_per_rank=r.get("threads", ctx.threads))
-            rows.append(r)
-    return rows
-
-
-def _world2(rank: int, world: int, scratch: str) -> list[dict]:
-    from pathlib import Path
-
-    folder = Path(scratch) / f"rank{rank}"
-    folder.mkdir()
-    return _run(["bare", "train.py"], "tiny", folder, world)
-
-
-@pytest.mark.distributed
-@pytest.mark.timeout(120)
-def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
-    rows = _run(WORLD1_KINDS, "tiny", tmp_path, 1)
-    rows += _world2_rows(tmp_path)
-    for r in rows:
-        assert r["seconds"] > 0 and r["steps"] > 0, r
-        assert r["last_loss"] < r["first_loss"], f"{r['kind']} at world {r['world']} did not train: {r}"
-    train_py = [r for r in rows if r["kind"] == "train.py"]
-    assert all(r["checkpoints"] >= 1 for r in train_py if r["world"] == 1)  # the final save is always timed
-    rows += [{"label": "end to end", "world": 1, "kind": k, "repeat": 0, "seconds": s}
-             for k, s in (("make overfit", 3.0), ("floor", 1.5))]
-
-    table = build_table(rows, [("tiny", "16", 2)]).splitlines()
-    assert table[0].startswith("| measurement | tiny MLP 16 (2 epochs) | target | verdict |")
+        for kind in ("bare", "train.py", "train.py quiet"):
+            r = run_kind(kind, TINY, ctx, tmp_path, clock)
+            assert r["seconds"] > 0 and r["steps"] == 10 and r["epochs"] == 2, (kind, r)  # 5 steps/epoch, 1st untimed
+            assert r["last_loss"] < r["first_loss"], f"{kind} did not train: {r}"
+            rows += [dict(r, case=case, world=CASES[case].world, kind=kind, repeat=0) for case in CASES]
+        assert torch.get_num_threads() == 1
+    assert all(r["checkpoints"] == 1 and r["checkpoint_seconds"] > 0 for r in rows if r["kind"] == "train.py")
+    rows += [{"case": c, "kind": f"threads {k}", "load": load, "repeat": 0, "threads": t, "cores": 2, "seconds": s}
+             for c in ("default", "medium") for load in ("idle", "loaded")
+             for k, t, s in (("1", 1, 2.0), ("all", 2, 1.0), ("default", 2, 1.25))]
+    rows += [{"case": "end to end", "kind": k, "repeat": 0, "seconds": s} for k, s in (("make overfit", 3.0),
+                                                                                       ("floor", 2.0))]
+    table = build_table(rows, list(CASES)).splitlines()
+    assert table[0] == "| measurement | value: median (min–max) | target | verdict |"
     assert all(line.count("|") == table[0].count("|") for line in table), "ragged table"
     text = "\n".join(table)
-    for name in ("(a) bare loop", "(b) tutorial loop", "(c) train.py", "**(c)/(a)**", "**(c)/(b)**",
-                 "TensorBoard + per-step logging", "checkpoint writing", "(d) world 2 (gloo), bare DDP",
-                 "**(d) train.py / bare DDP, world 2**", "threads at train.py's default", "end to end"):
+    for name in ("**train.py / bare loop with validation**", "ms per epoch", "TensorBoard + per-step scalars",
+                 "checkpoints at the default cadence", "threads: default (2 of 2 cores)", "end to end"):
         assert name in text, name
-    assert "n/a" not in text
+    assert table[2].startswith("| **train.py / bare loop with validation**")  # the first rows: the like-for-like ratios
+    assert "n/a" not in text and "not measured" not in text
     for line in table[2:]:
         verdict = line.split("|")[-2].strip()
         assert verdict in ("", "met") or (verdict.startswith("**missed**") and " by " in verdict), line
-    assert "2.00×" in text  # end to end: 3.0 s over a 1.5 s floor
-
-
-def _world2_rows(tmp_path) -> list[dict]:
-    return spawn_ranks(_world2, 2, str(tmp_path), timeout=90)[0]  # rank 0's measurements
+    assert "0.80 (" not in text and "| 0.80 | ≥ 0.8 | met |" in text  # threads: best 1.0 s over default 1.25 s
+    assert "1.50× (3.00 s against 2.00 s) | ≤ 1.2× | **missed** by 0.30× |" in text

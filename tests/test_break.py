@@ -16,7 +16,9 @@ from tests.helpers import ROOT, spawn_ranks
 @pytest.mark.experiment
 @pytest.mark.timeout(420)
 def test_every_break_shows_its_expected_symptom_and_the_baselines_none(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "launch.break_all", "--out", str(tmp_path), "--no-tensorboard"],
+    # 15 epochs instead of make break's 40: every symptom shows by then (the test checks machinery, not results).
+    proc = subprocess.run([sys.executable, "-m", "launch.break_all", "--out", str(tmp_path), "--no-tensorboard",
+                           "--epochs", "15", "--figures", "no-shuffle"],
                           capture_output=True, text=True, timeout=400, cwd=ROOT)
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == 15
@@ -31,19 +33,24 @@ def test_every_break_shows_its_expected_symptom_and_the_baselines_none(tmp_path)
     assert "| no-grad-sync |" in (tmp_path / "break.md").read_text()
 
 
-def _diverge(rank: int, world: int, tmp: str) -> int:
+def _diverge(rank: int, world: int, tmp: str, log_every: int) -> int:
     from train import main
 
-    return main(["--optimizer", "sgd", "--lr", "30", "--epochs", "20", "--no-tensorboard", "--log-every", "3",
-                 "--runs-dir", f"{tmp}/runs", "--checkpoints-dir", f"{tmp}/ck", "--run-name", "nan"])
+    return main(["--optimizer", "sgd", "--lr", "30", "--epochs", "20", "--no-tensorboard", "--log-every",
+                 str(log_every), "--runs-dir", f"{tmp}/runs", "--checkpoints-dir", f"{tmp}/ck", "--run-name", "nan"])
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_divergence_stops_every_rank_at_the_same_step_and_saves_nothing_non_finite(tmp_path, capfd):
-    assert spawn_ranks(_diverge, 2, str(tmp_path)) == [3, 3]
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_divergence_stops_every_rank_at_the_same_step_and_saves_nothing_non_finite(tmp_path, capfd, log_every):
+    """Every step's gradient is checked at --log-every 1, so the message names the step and the rank; at a sparser
+    cadence the weights can go non-finite between checks, and the validation loss stops the run instead."""
+    assert spawn_ranks(_diverge, 2, str(tmp_path), log_every) == [3, 3]
     out = capfd.readouterr().out
-    assert "stopped: non-finite" in out and "on rank" in out and "at step" in out
+    assert "stopped: non-finite" in out
+    if log_every == 1:
+        assert "on rank" in out and "at step" in out
     summary = json.loads((tmp_path / "runs" / "nan" / "summary.json").read_text())
     assert summary["diverged"] and "diverged" in summary["symptoms"]
     for path in Path(tmp_path / "ck" / "nan").glob("*.pt"):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from data import fingerprint
-from launch.runner import run_many
-from tests.helpers import run_train, spawn_ranks
+from tests.helpers import run_train, spawn_ranks, world2_run
 
 # 160 training samples: 5 steps per epoch at a global batch of 32, so 5 epochs = 25 steps.
 COMMON = ["--dataset", "moons", "--n-samples", "200", "--epochs", "5", "--no-tensorboard", "--seed", "3"]
@@ -22,20 +21,17 @@ OPTIMIZERS = {
 TOLERANCE = {"rtol": 1.3e-6, "atol": 1e-5}
 
 
-@pytest.fixture(scope="module")
-def world2_runs(tmp_path_factory):
-    """Every world-2 run of this module in one torchrun job: the optimizers at 16 per rank, and BatchNorm."""
-    out = tmp_path_factory.mktemp("world2")
-    runs = [(COMMON + flags + ["--batch-size", "16"], name) for name, flags in OPTIMIZERS.items()]
-    runs.append((COMMON + ["--batchnorm", "--batch-size", "16"], "batchnorm"))
-    return {r.name: r for r in run_many(runs, out, world=2)}
+# World 2 at 16 per rank (the global batch of 32), in the session's one torchrun job (tests/conftest.py).
+for _name, _flags in OPTIMIZERS.items():
+    world2_run(f"ddp-{_name}", COMMON + _flags + ["--batch-size", "16"])
+world2_run("ddp-batchnorm", COMMON + ["--batchnorm", "--batch-size", "16"])
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_world2_equals_world1_on_the_same_global_batch(tmp_path, world2_runs, optimizer):
-    ddp = world2_runs[optimizer]
+def test_world2_equals_world1_on_the_same_global_batch(tmp_path, world2, optimizer):
+    ddp = world2[f"ddp-{optimizer}"]
     single = run_train(tmp_path, COMMON + OPTIMIZERS[optimizer] + ["--batch-size", "32"], name="single")
     assert ddp.returncode == 0, ddp.output
     assert single.returncode == 0, single.output
@@ -52,13 +48,13 @@ def test_world2_equals_world1_on_the_same_global_batch(tmp_path, world2_runs, op
     assert half.returncode == 0, half.output
     assert any(not torch.allclose(half.weights()[k], b[k], **TOLERANCE) for k in b)
     if optimizer == "sgd-clipped":  # and the clip really changed the run
-        unclipped = world2_runs["sgd"].weights()
+        unclipped = world2["ddp-sgd"].weights()
         assert any(not torch.allclose(unclipped[k], a[k], **TOLERANCE) for k in a)
 
 
 @pytest.mark.distributed
-def test_replica_checksums_cover_the_batchnorm_buffers_and_agree(world2_runs):
-    run = world2_runs["batchnorm"]
+def test_replica_checksums_cover_the_batchnorm_buffers_and_agree(world2):
+    run = world2["ddp-batchnorm"]
     assert run.returncode == 0, run.output
     state = run.weights()
     assert any("running_mean" in k for k in state)
@@ -66,6 +62,14 @@ def test_replica_checksums_cover_the_batchnorm_buffers_and_agree(world2_runs):
     # The checksum is of the whole state_dict, buffers included: it equals the saved weights' and buffers' own.
     assert checksums == [fingerprint(*state.values())] * 2
     assert fingerprint(*state.values()) != fingerprint(*(v for k, v in state.items() if "running" not in k))
+
+
+@pytest.mark.distributed
+def test_each_epoch_visits_the_data_in_a_new_order_and_the_ranks_disjoint_shards(world2):
+    run = world2["ddp-sgd"]
+    orders = [m["order_fingerprint"] for m in run.metrics]
+    assert len(orders) == 5 and len(set(orders)) == 5
+    assert all(len(set(m["shard_fingerprints"])) == 2 for m in run.metrics)
 
 
 def _evaluate_on_ranks(rank: int, world: int, sizes: list[int]) -> list[tuple[float, float]]:
@@ -126,3 +130,21 @@ def test_ranks_with_different_data_fail_fast(tmp_path, capfd):
     assert codes == [1, 1]
     assert "ranks built different datasets" in capfd.readouterr().err
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("n, world, shuffle, drop_last", [
+    (10, 1, True, False), (10, 3, True, False), (10, 3, False, False), (11, 4, True, True), (2, 4, True, False),
+])
+def test_epoch_indices_are_the_samplers_own_order(n, world, shuffle, drop_last):
+    """The loop indexes the data with a tensor rebuilt from the sampler's rule instead of iterating the
+    sampler; that is only sound if the two agree index for index, at every rank, epoch and padding case."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from spine.distributed import epoch_indices
+    dataset = list(range(n))
+    for rank in range(world):
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=7,
+                                     drop_last=drop_last)
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            assert epoch_indices(sampler, torch.device("cpu")).tolist() == list(sampler)

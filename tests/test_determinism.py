@@ -24,15 +24,6 @@ def test_same_seed_gives_bit_identical_losses_another_seed_does_not(tmp_path):
     assert a.step_losses() != c.step_losses()
 
 
-@pytest.mark.distributed
-@pytest.mark.timeout(60)
-def test_each_epoch_visits_the_data_in_a_new_order(tmp_path):
-    run = run_train(tmp_path, ARGS + ["--epochs", "4"], world=2)
-    assert run.returncode == 0, run.stderr
-    orders = [m["order_fingerprint"] for m in run.metrics]
-    assert len(set(orders)) == 4
-
-
 @pytest.mark.parametrize("n,world", [(160, 2), (161, 2), (100, 3)])
 def test_shards_are_disjoint_and_cover_the_data(n, world):
     # train.py's own sampler, for each rank of each world size.

@@ -9,7 +9,7 @@ import torch
 
 from launch.runner import run_many
 from spine.checkpoint import load_checkpoint
-from tests.helpers import run_train, spawn_ranks
+from tests.helpers import run_train, spawn_ranks, world2_run
 
 # Dropout and BatchNorm on purpose: the resume must restore RNG streams and running statistics too.
 COMMON = ["--dataset", "moons", "--n-samples", "200", "--dropout", "0.2", "--batchnorm", "--seed", "1"]
@@ -21,13 +21,23 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
+# At world 2, the three runs in sequence in the session's one torchrun job (tests/conftest.py).
+for _label, _extra, _name in (("resume-straight", ["--epochs", "6"], "straight"), ("resume-first", ["--epochs", "3"],
+                              "split"), ("resume-second", ["--epochs", "6", "--resume", "auto"], "split")):
+    world2_run(_label, COMMON + ["--batch-size", "16"] + _extra, _name)
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.distributed)])
-def test_three_then_three_more_equals_six(tmp_path, world):
-    batch = ["--batch-size", str(32 // world)]
-    straight = run_train(tmp_path, COMMON + batch + ["--epochs", "6"], world=world, name="straight")
-    first = run_train(tmp_path, COMMON + batch + ["--epochs", "3"], world=world, name="split")
-    second = run_train(tmp_path, COMMON + batch + ["--epochs", "6", "--resume", "auto"], world=world, name="split")
+def test_three_then_three_more_equals_six(tmp_path, request, world):
+    if world == 2:
+        runs = request.getfixturevalue("world2")
+        straight, first, second = runs["resume-straight"], runs["resume-first"], runs["resume-second"]
+    else:
+        batch = ["--batch-size", "32"]
+        straight = run_train(tmp_path, COMMON + batch + ["--epochs", "6"], name="straight")
+        first = run_train(tmp_path, COMMON + batch + ["--epochs", "3"], name="split")
+        second = run_train(tmp_path, COMMON + batch + ["--epochs", "6", "--resume", "auto"], name="split")
     for r in (straight, first, second):
         assert r.returncode == 0, r.stderr
     assert "resumed from" in second.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, TORCHRUN, free_port, run_train, spawn_ranks
+from tests.helpers import ROOT, TORCHRUN, free_port, run_train, spawn_ranks, world2_run
 
 # 190 samples -> 152 training samples: at a step batch of 32 the fifth step is short (24 samples), so the
 # micro-batch weighting is tested on an uneven split too (8+8+8 at world 1, 8+4 per rank at world 2).
@@ -55,10 +55,16 @@ def test_four_micro_batches_of_8_equal_one_batch_of_32_at_world_1(tmp_path, one_
     assert any(not torch.allclose(small.weights()[k], v, **TIGHT) for k, v in one_big_batch.weights().items())
 
 
+world2_run("scale-accumulating", COMMON + ["--global-batch-size", "32", "--grad-accum-steps", "2"])
+TWO_NODES = ["--dataset", "moons", "--n-samples", "200", "--epochs", "3", "--global-batch-size", "32",
+             "--no-tensorboard", "--threads", "1", "--seed", "2"]
+world2_run("scale-one-node", TWO_NODES)
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_two_ranks_accumulating_equal_one_batch_of_32(tmp_path, one_big_batch):
-    ddp = run_train(tmp_path, COMMON + ["--global-batch-size", "32", "--grad-accum-steps", "2"], world=2, name="ddp")
+def test_two_ranks_accumulating_equal_one_batch_of_32(world2, one_big_batch):
+    ddp = world2["scale-accumulating"]
     assert ddp.returncode == 0, ddp.stderr
     assert "8 per rank x 2 accumulated, 32 global" in ddp.stdout
     assert ddp.summary["global_step"] == 20
@@ -148,12 +154,11 @@ def _node(tmp: Path, port: int, node_rank: int, args: list[str]) -> subprocess.P
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
-def test_two_torchrun_nodes_equal_one_node_with_two_processes(tmp_path):
-    args = ["--dataset", "moons", "--n-samples", "200", "--epochs", "3", "--global-batch-size", "32",
-            "--no-tensorboard", "--threads", "1", "--seed", "2"]
+def test_two_torchrun_nodes_equal_one_node_with_two_processes(tmp_path, world2):
+    args = TWO_NODES
     outputs = ["--runs-dir", str(tmp_path / "runs"), "--checkpoints-dir", str(tmp_path / "ck"), "--run-name"]
-    one_node = run_train(tmp_path, args, world=2, name="one-node")
-    assert one_node.returncode == 0, one_node.stderr
+    one_node = world2["scale-one-node"]
+    assert one_node.returncode == 0, one_node.output
     port = free_port()
     nodes = [_node(tmp_path, port, rank, args + outputs + ["two-nodes"]) for rank in (0, 1)]
     try:
