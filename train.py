@@ -19,8 +19,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses
+import json
 import math
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +53,8 @@ from spine.distributed import (
 )
 from spine.errors import TrainingError, UsageError
 from spine.guard import NonFiniteGuard
+from spine.instruments.loop import Instruments
+from spine.instruments.lr_find import LR_FIND_RULE, LRRangeTest, plot_lr_range
 from spine.logger import RunLogger, now
 from spine.metrics import EpochMeter
 from spine.optim import build_optimizer, build_scheduler
@@ -116,12 +121,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContex
 
 
 def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDataset, idx: torch.Tensor,
-                     micro_batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     micro_batch: int, measure: Callable[[int, int], AbstractContextManager] = lambda *_: nullcontext(),
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's gradients into .grad, from this rank's samples `idx`: the step's per-sample loss, and its
     predicted classes with their labels (compared once per epoch: an accuracy per step costs ~4% of a small step).
 
     Gradient accumulation: the step's batch is cut into micro-batches of `micro_batch` whose gradients add up in
     .grad; only the last one's backward all-reduces. With one micro-batch it is one plain, synchronised batch.
+    `measure(micro, step)` wraps each backward (an instrument's context: the noise scale's micro-batch gradient).
     """
     micro_batches = idx.split(micro_batch) if idx.shape[0] > micro_batch else (idx,)
     step_loss, predicted = None, []
@@ -132,7 +139,8 @@ def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDatase
             loss = loss_fn(logits, y)  # mean over this rank's batch; DDP's averaging makes it the global mean
             if len(micro_batches) > 1:  # weighted by its share of the step's samples: .grad sums to the step's mean
                 loss = loss * (len(micro_idx) / len(idx))
-            loss.backward()  # gradients; under DDP, all-reduced across ranks as they are produced
+            with measure(len(micro_idx), len(idx)):
+                loss.backward()  # gradients; under DDP, all-reduced across ranks as they are produced
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         predicted.append(logits.detach().argmax(1))
     if loss_fn.reduction == "sum":  # --break sum-loss: the loss stepped on is a sum, the one logged stays a mean
@@ -177,23 +185,28 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     logger.header(summary.header(cfg, ctx, data, model, steps_per_epoch, state))
     checkpointer.before_save = logger.flush  # the logs up to a checkpoint reach the disk before it
     guard = NonFiniteGuard(ctx, params, meter)
+    instruments = Instruments(cfg, ctx, model, ddp_model, optimizer, data, logger, steps_per_epoch)  # spine/instruments
     t_start, samples_trained, train_seconds, stopped = now(), 0, 0.0, None
 
     while state.epoch < cfg.epochs and not stopped:
         # The shuffle is a permutation seeded by seed + epoch: without set_epoch every epoch repeats epoch 0's order.
         if cfg.break_ != "no-set-epoch":
             sampler.set_epoch(state.epoch)
+        instruments.epoch_start(sampler, state.epoch)  # a live guard: the sampler's epoch must be the loop's
         order = epoch_indices(sampler, ctx.device)  # this rank's shard of the epoch's permutation
         if cfg.break_ != "no-train-mode":
             model.train()  # dropout on, BatchNorm uses (and updates) batch statistics; validation switched it off
         trained_in_train_mode, t_epoch = model.training, now()
         for position in range(state.step_in_epoch, steps_per_epoch):
             idx = order[position * step_batch:(position + 1) * step_batch]  # this rank's samples for this step
-            step_loss, predicted, labels = forward_backward(ddp_model, loss_fn, data, idx, cfg.batch_size)
-            logged = (state.global_step + 1) % cfg.log_every == 0  # this step's scalars go to TensorBoard
+            step = state.global_step + 1
+            logged = step % cfg.log_every == 0  # this step's scalars go to TensorBoard
+            instruments.step_start(step)  # guards: train mode, .grad cleared; sharpness and layer hooks when due
+            loss, preds, labels = forward_backward(ddp_model, loss_fn, data, idx, cfg.batch_size, instruments.backward)
             # The total norm costs ~8% of a small step: measured on logged steps, and on every step to clip.
-            grad_norm = get_total_norm([p.grad for p in params if p.grad is not None]) if logged or cfg.grad_clip \
-                else None
+            need_norm = logged or cfg.grad_clip or instruments.needs_grad_norm
+            grad_norm = get_total_norm([p.grad for p in params if p.grad is not None]) if need_norm else None
+            instruments.before_update(step, grad_norm, len(idx))
             if cfg.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
             optimizer.step()  # the update, identical on every rank because the gradients are
@@ -201,28 +214,25 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             if cfg.break_ != "no-zero-grad":
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()  # the lr for the next step
-            meter.record(step_loss, predicted, labels, grad_norm)  # stays on the device: no host sync here
-            state.step_in_epoch, state.global_step = position + 1, state.global_step + 1
+            instruments.after_update(step)
+            meter.record(loss, preds, labels, grad_norm)  # stays on the device: no host sync here
+            state.step_in_epoch, state.global_step = position + 1, step
             if logged:  # the only host syncs inside an epoch
                 if stopped := guard.check_steps(state.global_step):
                     break
                 logger.step(meter, state.global_step, scheduler.get_last_lr()[0], state.epoch, state.elapsed(),
                             console=steps_per_epoch > cfg.log_every)
-            if checkpointer.due_at_step():
-                if stopped := guard.check_before_save(state.global_step):
-                    break
-                checkpointer.save()
+            if checkpointer.due_at_step() and (stopped := checkpointer.save(guard)):  # refuses non-finite weights
+                break
         if stopped:
             break
         epoch_seconds = now() - t_epoch
         broadcast_buffers(model)  # each rank's last step updated BatchNorm's running stats from its own shard
         val_sums = validation.sums(model)
-        validated_in_eval_mode = not model.training
-        # The epoch's one all-reduce (each collective is a round trip): train and validation sums and counts, the
-        # non-finite check of the steps not checked yet, each rank's shard fingerprint, rank 0's checkpoint clock.
-        order_fingerprint = fingerprint(order)
-        totals = meter.end_of_epoch(ctx, guard.checked, int(order_fingerprint[:13], 16), checkpointer.due_by_clock(),
-                                    extra=val_sums)
+        validated_in_eval_mode = instruments.validated(model, state.epoch + 1)  # a live guard: eval mode
+        order_fingerprint = fingerprint(order)  # the epoch's one all-reduce carries it: shards must be disjoint
+        # The epoch's one all-reduce: train and val sums, unchecked steps' non-finite flags, rank 0's checkpoint clock
+        totals = meter.end_of_epoch(ctx, guard.checked, order_fingerprint, checkpointer.due_by_clock(), extra=val_sums)
         if stopped := guard.end_of_epoch(totals.bad, state.global_step):
             break
         val_loss, val_acc = validation.metrics(val_sums, totals.extra)
@@ -232,14 +242,12 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                                 (trained_in_train_mode, validated_in_eval_mode))
         state.end_epoch(row, cfg.target_loss)
         meter.clear()
-        if not math.isfinite(val_loss):  # reduced over ranks, so every rank takes this branch together
-            stopped = (f"non-finite validation loss after epoch {state.epoch}: the weights went non-finite after the "
-                       "last checked step (--log-every 1 checks the gradient of every step)")
+        stopped = guard.check_validation(val_loss, state.epoch)  # reduced over ranks: every rank stops together
         due = checkpointer.due_at_epoch_end(totals.rank0_flag)
         is_best = due and state.improves_best(val_loss, val_acc)  # best.pt: the best of the checkpoints written
         logger.epoch(row, state.elapsed())
-        if due and not stopped and not (stopped := guard.check_before_save(state.global_step)):
-            checkpointer.save(best=is_best)
+        if due and not stopped:
+            stopped = checkpointer.save(guard, best=is_best)
 
     loop_seconds = now() - t_start  # the epochs and all they do: steps, validation, logging, checkpoints
     if stopped:
@@ -251,8 +259,47 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     exact_val = evaluate(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size) if state.epoch else None
     result = summary.build(cfg, ctx, state, data, loop_seconds=loop_seconds, train_seconds=train_seconds,
                            samples_trained=samples_trained, stopped=stopped, exact_val=exact_val,
-                           replica_checksums=replica_checksums)
+                           replica_checksums=replica_checksums, instruments=instruments.summary())
+    instruments.close()
     summary.finish(result, cfg, ctx, logger)
+    return result
+
+
+def find_lr(cfg: Config, ctx: DistContext) -> dict:
+    """--lr-find: Smith's LR range test on a fresh model, with the run's data, model, optimizer and batch. The lr
+    grows geometrically each step until the loss blows up; nothing is checkpointed, so an existing run of the same
+    name keeps its checkpoints. Writes <run>/lr_find.png and lr_find.json; prints the suggestion and its rule."""
+    data = load_data(cfg, ctx)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.in_dim, data.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
+                        cfg.batchnorm).to(ctx.device)
+    ddp_model = DDP(model) if ctx.world_size > 1 else model
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    sampler, loss_fn, step_batch = train_sampler(len(data.train_x), ctx, cfg.seed), nn.CrossEntropyLoss(), \
+        cfg.batch_size * cfg.grad_accum_steps
+    finder, epoch = LRRangeTest(cfg.lr_find_min, cfg.lr_find_max, cfg.lr_find_steps), 0
+    model.train()
+    while not finder.done:
+        sampler.set_epoch(epoch)
+        order, epoch = epoch_indices(sampler, ctx.device), epoch + 1
+        for start in range(0, len(order), step_batch):
+            lr = finder.next_lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, _, _ = forward_backward(ddp_model, loss_fn, data, order[start:start + step_batch], cfg.batch_size)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # The mean over ranks, so every rank takes the same decision and stops at the same step.
+            if finder.record(lr, all_reduce_sum(loss.detach().double().reshape(1)).item() / ctx.world_size):
+                break
+    result = dict(finder.summary(), rule=LR_FIND_RULE, lrs=finder.lrs, losses=finder.losses, diverged=False)
+    if ctx.is_main:
+        cfg.run_dir().mkdir(parents=True, exist_ok=True)
+        plot_lr_range(finder, cfg.run_dir() / "lr_find.png", f"LR range test: {cfg.optimizer}, batch {step_batch}")
+        (cfg.run_dir() / "lr_find.json").write_text(json.dumps(result, indent=1) + "\n")
+        suggestion = "none (the loss never fell)" if result["suggestion"] is None else f"{result['suggestion']:.3g}"
+        print(f"lr range test: {len(finder.losses)} steps, {finder.stop_reason}; plot {cfg.run_dir() / 'lr_find.png'}")
+        print(f"suggested lr: {suggestion} ({LR_FIND_RULE})", flush=True)
     return result
 
 
@@ -262,10 +309,11 @@ def run(argv: list[str] | None, ctx: DistContext | None = None) -> int:
     rank = launch_env()[0]
     try:
         cfg = parse_config(argv, world_size=ctx.world_size if ctx else None)
+        job = find_lr if cfg.lr_find else train
         if ctx is not None:
-            return 3 if train(cfg, ctx)["diverged"] else 0
+            return 3 if job(cfg, ctx)["diverged"] else 0
         with distributed_session(cfg.device, cfg.threads, cfg.pg_timeout) as session:
-            return 3 if train(cfg, session)["diverged"] else 0
+            return 3 if job(cfg, session)["diverged"] else 0
     except UsageError as e:
         if rank == 0:  # every rank validates the same flags; one message is enough
             print(f"train.py: error: {e}", file=sys.stderr, flush=True)

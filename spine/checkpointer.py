@@ -22,6 +22,7 @@ from spine import checkpoint as ckpt
 from spine.config import Config
 from spine.distributed import DistContext, gather_objects, print0
 from spine.errors import TrainingError, UsageError
+from spine.guard import NonFiniteGuard
 from spine.metrics import EpochMeter
 from spine.optim import LRSchedule
 from spine.state import TrainState
@@ -133,8 +134,13 @@ class Checkpointer:
 
     # --- save ---------------------------------------------------------------------------------------------------
 
-    def save(self, best: bool = False) -> None:
-        """Rank 0 writes; every rank's RNG state and partial epoch go in. A collective: every rank calls it."""
+    def save(self, guard: NonFiniteGuard, best: bool = False) -> str | None:
+        """Rank 0 writes; every rank's RNG state and partial epoch go in. A collective: every rank calls it.
+
+        Never writes non-finite weights: the guard's check (a collective too) runs first; its message is returned
+        instead of saving, and the caller stops. None once the checkpoint is on disk."""
+        if problem := guard.check_before_save(self.state.global_step):
+            return problem
         self.before_save()
         ctx, state = self.ctx, self.state
         rng = gather_objects(ckpt.rng_state(), ctx)
@@ -155,6 +161,7 @@ class Checkpointer:
         if failure := gather_objects(failure, ctx)[0]:
             raise TrainingError(failure)
         self.last_save = time.perf_counter()
+        return None
 
     # --- cadence ------------------------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ def _finite(v: float) -> bool:
 POSITIVE: Check = (lambda v: v > 0, "must be positive")
 NON_NEGATIVE: Check = (lambda v: v >= 0, "must be >= 0")
 OFF_OR_MORE: Check = (lambda v: v >= 0, "must be >= 0 (0 = off)")
+AT_LEAST_ONE: Check = (lambda v: v is None or v >= 1, "must be at least 1 (leave it out for off)")
 
 
 def flag(default: Any, group: str, help: str, *, check: Check | None = None,
@@ -132,6 +133,28 @@ class Config:
     print_every: int = flag(0, "outputs", "console line every N epochs; 0 = the first epoch, then about one a second "
                             "(the last is always printed)", check=NON_NEGATIVE)
     tensorboard: bool = flag(True, "outputs", "write TensorBoard event files")
+    # instruments (spine/instruments/): each off unless asked for, except the live guards, which are always on
+    layer_stats: bool = flag(False, "instruments", "every --log-every steps, per parameter: grad norm, weight norm "
+                             "and update-to-weight ratio; per layer: activation mean/std and dead ReLU fraction "
+                             "(TensorBoard, layers.*)")
+    histograms_every: int | None = flag(None, "instruments", "every N epochs, TensorBoard histograms of the weights "
+                                        "and gradients of the epoch's last step", check=AT_LEAST_ONE)
+    sharpness_every: int | None = flag(None, "instruments", "every N steps (and before the first), the largest "
+                                       "Hessian eigenvalue of the mean training loss, logged beside 2/lr",
+                                       check=AT_LEAST_ONE)
+    sharpness_samples: int = flag(1024, "instruments", "training samples (the first N; all when fewer) the "
+                                  "sharpness is measured on", check=POSITIVE)
+    noise_scale: bool = flag(False, "instruments", "the gradient noise scale B_simple (McCandlish et al. 2018), "
+                             "from the per-rank and all-reduced gradients, or at world size 1 from the micro-batches "
+                             "of --grad-accum-steps; computes the grad norm every step")
+    lr_find: bool = flag(False, "instruments", "instead of training: an LR range test (Smith 2017) from a fresh "
+                         "model; writes <runs-dir>/<run>/lr_find.png and prints a suggested lr; no checkpoint")
+    lr_find_steps: int = flag(200, "instruments", "steps of the LR range test",
+                              check=(lambda v: v >= 2, "must be at least 2"))
+    lr_find_min: float = flag(1e-6, "instruments", "the LR range test's first lr",
+                              check=(lambda v: _finite(v) and v > 0, "must be a positive number"))
+    lr_find_max: float = flag(10.0, "instruments", "the LR range test's last lr",
+                              check=(lambda v: _finite(v) and v > 0, "must be a positive number"))
 
     def to_dict(self) -> dict[str, Any]:
         """Keyed by flag name: what summary.json, checkpoints and config.toml record."""
@@ -177,7 +200,7 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
-_PARSE = {"int": int, "float": float, "str": str, "tuple[int, ...]": _hidden}
+_PARSE = {"int": int, "int | None": int, "float": float, "str": str, "tuple[int, ...]": _hidden}
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -201,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         meta, name = f.metadata, flag_name(f)
         group = groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
         shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        help_text = meta["help"] + (f" (default: {shown!s})" if shown not in ("", False) else "")
+        help_text = meta["help"] + (f" (default: {shown!s})" if shown not in ("", False, None) else "")
         choices = _choices(f)
         if choices:
             help_text += f"; one of: {', '.join(c for c in choices if c)}"
@@ -243,7 +266,7 @@ def read_toml(path: str) -> dict[str, Any]:
 def _typed(f: dataclasses.Field, value: Any, where: str) -> Any:
     if f.type == "bool":
         ok = isinstance(value, bool)
-    elif f.type == "int":
+    elif f.type in ("int", "int | None"):  # TOML has no null: an absent key is None
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif f.type == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -269,6 +292,8 @@ def to_toml(cfg: Config, comment: str = "") -> str:
     """The config as a TOML file that `--config` reads back to the same Config."""
     lines = [f"# {line}" for line in comment.splitlines()]
     for key, value in cfg.to_dict().items():
+        if value is None:  # an optional flag left out; TOML has no null
+            continue
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, float):
@@ -356,6 +381,20 @@ def _cross_checks(cfg: Config, world_size: int):
            f"rank's shard of {shard} training samples ({n_train} over {world_size} rank(s))")
     if cfg.batchnorm:
         yield _batchnorm_rule(cfg, n_train, n_val, world_size)
+    yield from _instrument_checks(cfg, world_size)
+
+
+def _instrument_checks(cfg: Config, world_size: int):
+    yield (not cfg.noise_scale or world_size > 1 or cfg.grad_accum_steps >= 2,
+           "--noise-scale needs two batch sizes: at world size 1 give --grad-accum-steps 2 or more (one micro-batch "
+           "is the small batch, the step the big one), or launch several ranks with torchrun")
+    yield (not cfg.noise_scale or cfg.break_ != "no-grad-sync",
+           "--noise-scale measures through DDP's communication hook, which --break no-grad-sync replaces")
+    yield (cfg.tensorboard or not (cfg.layer_stats or cfg.histograms_every),
+           "--layer-stats and --histograms-every write to TensorBoard: drop --no-tensorboard")
+    yield not (cfg.lr_find and cfg.resume), "--lr-find starts from a fresh model: drop --resume"
+    yield (cfg.lr_find_min < cfg.lr_find_max,
+           f"--lr-find-min {cfg.lr_find_min} must be below --lr-find-max {cfg.lr_find_max}")
 
 
 def _batchnorm_rule(cfg: Config, n_train: int, n_val: int, world_size: int) -> tuple[bool, str]:

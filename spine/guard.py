@@ -6,6 +6,8 @@ waiting in the next collective. Values stay on the device between checks: a chec
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from spine.distributed import DistContext, all_reduce_sum
@@ -35,6 +37,14 @@ class NonFiniteGuard:
     def check_before_save(self, global_step: int) -> str | None:
         """Collective: as check_steps, and the weights themselves, in the same all-reduce."""
         return self._check(global_step, with_params=True)
+
+    @staticmethod
+    def check_validation(val_loss: float, epoch: int) -> str | None:
+        """The weights can go non-finite after the last checked step; validation, reduced over ranks, shows it."""
+        if math.isfinite(val_loss):
+            return None
+        return (f"non-finite validation loss after epoch {epoch}: the weights went non-finite after the last "
+                "checked step (--log-every 1 checks the gradient of every step)")
 
     def end_of_epoch(self, bad: list[float], global_step: int) -> str | None:
         """The epoch's all-reduce carried the flags of its unchecked steps (`bad`, per rank); the next epoch starts

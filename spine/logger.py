@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from spine.metrics import EpochMeter
 
 # TensorBoard's writer flushes to disk every 120 s by default anyway, so holding scalars for 10 s hides nothing.
@@ -227,6 +229,17 @@ class RunLogger:
         if self.writer:
             self._handoff()
             self.writer.close()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """An instrument's scalars at `step` (rank 0; TensorBoard groups tags by the part before the first '/')."""
+        if self.writer and values:
+            self._scalars(step, values)
+
+    def histograms(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        if self.writer:
+            self._handoff()  # keep the event file in step order
+            for tag, values in tensors.items():
+                self.writer.add_histogram(tag, values.detach().float().cpu(), step)
 
 
 def now() -> float:

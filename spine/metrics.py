@@ -100,7 +100,7 @@ class EpochMeter:
         step = last_step - n + 1 + first + 0.5 * (first_norm < first_loss)
         return torch.where(first < never, step, 0.0)
 
-    def end_of_epoch(self, ctx: DistContext, since: int, shard_fingerprint: int, flag: bool,
+    def end_of_epoch(self, ctx: DistContext, since: int, shard_fingerprint: str, flag: bool,
                      extra: torch.Tensor | None = None) -> EpochTotals:
         """The epoch's global train loss and accuracy (sums and counts over ranks, then one division) and every
         other end-of-epoch agreement, in one all-reduce: each collective is a round trip (about 0.4 ms on gloo
@@ -108,7 +108,8 @@ class EpochMeter:
 
         The per-step values come to the host in one transfer and are summed there (each tensor op costs a few
         microseconds, and a 5-step epoch has little else to do). Flags a non-finite value in the steps from
-        `since`. Fingerprints must be below 2**53 to survive float64 exactly. `extra` (sums) is reduced along.
+        `since`. The shard fingerprint (hex) travels as its first 13 digits, below 2**53 so float64 holds it exactly.
+        `extra` (sums) is reduced along.
         """
         world, rank, n = ctx.world_size, ctx.rank, len(self)
         correct = (torch.cat(self.predicted) == torch.cat(self.labels)).sum().double() if self.predicted else None
@@ -120,7 +121,8 @@ class EpochMeter:
         checked = losses[since:] + [v for i, v in zip(self.norm_steps, norms, strict=True) if i >= since]
         bad = float(not all(math.isfinite(v) for v in checked))
         per_rank = [0.0] * (3 * world)
-        per_rank[rank], per_rank[world + rank], per_rank[2 * world + rank] = bad, float(shard_fingerprint), float(flag)
+        shard = float(int(shard_fingerprint[:13], 16))
+        per_rank[rank], per_rank[world + rank], per_rank[2 * world + rank] = bad, shard, float(flag)
         slots = [sum(v * size for v, size in zip(losses, self.sizes, strict=True)), correct_total,
                  float(sum(self.sizes)), *per_rank, *host[n + len(norms) + (correct is not None):]]
         values = all_reduce_sum(torch.tensor(slots, dtype=torch.float64, device=ctx.device)).tolist() \

@@ -52,7 +52,7 @@ def epoch_row(state: TrainState, totals: EpochTotals, val: tuple[float, float], 
 
 def build(cfg: Config, ctx: DistContext, state: TrainState, data: SplitDataset, *, loop_seconds: float,
           train_seconds: float, samples_trained: int, stopped: str | None, exact_val: tuple[float, float] | None,
-          replica_checksums: list) -> dict:
+          replica_checksums: list, instruments: dict) -> dict:
     summary = {
         "config": cfg.to_dict(), "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
         "threads_per_rank": ctx.threads,
@@ -71,6 +71,7 @@ def build(cfg: Config, ctx: DistContext, state: TrainState, data: SplitDataset, 
         "exact_val": {"val_loss": exact_val[0], "val_acc": exact_val[1]} if exact_val else None,
         "symptoms": [],
         "replica_checksums": replica_checksums,
+        "instruments": instruments,
         "checkpoints": {"last": str(cfg.checkpoint_dir() / "last.pt"), "best": str(cfg.checkpoint_dir() / "best.pt")},
     }
     return _finite_or_none(summary)

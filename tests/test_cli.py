@@ -36,6 +36,14 @@ BAD_INPUTS = [
     (["--no-such-flag"], "unrecognized"),
     (["--break", "no-loss"], "--break"),
     (["--break", "no-grad-sync"], "--break no-grad-sync needs several ranks"),  # a no-op at world 1
+    (["--sharpness-every", "-1"], "--sharpness-every"),
+    (["--sharpness-every", "0"], "--sharpness-every"),  # off is leaving the flag out
+    (["--histograms-every", "0"], "--histograms-every"),
+    (["--sharpness-samples", "0"], "--sharpness-samples"),
+    (["--noise-scale"], "--noise-scale needs two batch sizes"),  # world 1 without accumulation
+    (["--layer-stats", "--no-tensorboard"], "--layer-stats"),
+    (["--lr-find", "--resume", "auto"], "--lr-find"),
+    (["--lr-find", "--lr-find-min", "1", "--lr-find-max", "0.1"], "--lr-find-min"),
 ]
 
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+LR_FIND_RULE = "steepest fall of the smoothed loss against log10(lr), before the loss's minimum"
+
 
 class LRRangeTest:
     def __init__(self, lr_min: float = 1e-7, lr_max: float = 10.0, num_steps: int = 100,

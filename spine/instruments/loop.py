@@ -1,0 +1,140 @@
+"""The instruments as the training loop sees them: one object, called at five points of train.py.
+
+    instruments = Instruments(cfg, ctx, model, ddp_model, optimizer, data, logger, steps_per_epoch)
+    each epoch, after sampler.set_epoch:        instruments.epoch_start(sampler, epoch)
+    each step, before forward_backward:         instruments.step_start(step)          (step counts from 1)
+    around each micro-batch's backward:         with instruments.backward(micro, step_batch): loss.backward()
+    after the grad norm, before clipping:       instruments.before_update(step, grad_norm, step_batch)
+    after scheduler.step():                     instruments.after_update(step)
+    after validation:                           instruments.validated(model, epoch)
+    summary.json:                               instruments.summary()
+
+Only the live guards are always on (a few attribute reads per step). Every other instrument is None unless its
+flag asks for it, and none of them changes what training computes: they read weights and gradients, run their
+own forwards in eval mode with the RNG forked (sharpness), and hook DDP's all-reduce with an averaging that is
+bit-identical to DDP's own (noise scale). The non-main ranks take part in every collective but log nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spine.distributed import DistContext, all_reduce_sum
+from spine.instruments.guards import Guards
+from spine.instruments.layer_stats import LayerStats
+from spine.instruments.noise_scale import DDPGradNoise, MicroBatchGradNoise, NoiseScaleEstimator
+from spine.instruments.sharpness import top_hessian_eigenvalue
+
+
+class Instruments:
+    def __init__(self, cfg, ctx: DistContext, model: nn.Module, ddp_model: nn.Module,
+                 optimizer: torch.optim.Optimizer, data, logger, steps_per_epoch: int) -> None:
+        self.ctx, self.model, self.optimizer, self.logger = ctx, model, optimizer, logger
+        self.log_every, self.steps_per_epoch = cfg.log_every, steps_per_epoch
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.all_reduce = all_reduce_sum if ctx.world_size > 1 else None
+        self.guards = Guards(warn=self._warn)
+        self.layer_stats = LayerStats(model) if cfg.layer_stats else None
+        self.histograms_every = cfg.histograms_every
+        self.sharpness_every, self.sharpness = cfg.sharpness_every, []
+        if self.sharpness_every:
+            # The first N training samples, shared out over the ranks; the HVPs are summed over them.
+            n = min(cfg.sharpness_samples, len(data.train_x))
+            self.curvature_x = data.train_x[:n][ctx.rank::ctx.world_size]
+            self.curvature_y = data.train_y[:n][ctx.rank::ctx.world_size]
+        self.noise, self.noise_estimate = None, None
+        if cfg.noise_scale:
+            self.noise_estimate = NoiseScaleEstimator()
+            if ctx.world_size > 1:  # per-rank batch against the all-reduced one, measured inside the all-reduce
+                self.noise = DDPGradNoise()
+                ddp_model.register_comm_hook(self.noise, DDPGradNoise.hook)
+            else:  # one micro-batch against the step's k
+                self.noise = MicroBatchGradNoise(self.params)
+
+    def _warn(self, message: str) -> None:
+        if self.ctx.is_main:  # every rank sees the same state; one voice is enough
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    @property
+    def needs_grad_norm(self) -> bool:
+        """The noise scale needs the all-reduced gradient's norm at every step it measures: all of them."""
+        return self.noise is not None
+
+    def epoch_start(self, sampler, epoch: int) -> None:
+        self.guards.sampler_epoch(sampler, epoch)
+
+    def step_start(self, step: int) -> None:
+        """Before step `step` (1-based) runs its first forward."""
+        self.guards.training_forward(self.model, step)
+        self.guards.grads_cleared(self.params, step)
+        if self.sharpness_every and (step - 1) % self.sharpness_every == 0:
+            self._measure_sharpness(step - 1)
+        if self.layer_stats and step % self.log_every == 0:  # after the sharpness: its forwards are not the step's
+            self.layer_stats.begin_step()
+
+    def backward(self, micro_batch: int, step_batch: int) -> contextlib.AbstractContextManager:
+        """Wraps one micro-batch's backward: at world size 1, the noise scale's small-batch gradient."""
+        if isinstance(self.noise, MicroBatchGradNoise):
+            return self.noise.micro_batch(weight=micro_batch / step_batch, size=micro_batch)
+        return contextlib.nullcontext()
+
+    def before_update(self, step: int, grad_norm: torch.Tensor | None, step_batch: int) -> None:
+        """After the step's last backward and its grad norm, before clipping and optimizer.step()."""
+        if self.layer_stats and self.layer_stats.active:
+            self.layer_stats.before_optimizer_step()
+        if isinstance(self.noise, DDPGradNoise):
+            self.noise.step_done(grad_norm, b_small=step_batch, b_big=step_batch * self.ctx.world_size)
+        elif self.noise is not None:
+            self.noise.step_done(grad_norm)
+        epoch_ends = step % self.steps_per_epoch == 0
+        if self.histograms_every and epoch_ends and (step // self.steps_per_epoch) % self.histograms_every == 0:
+            self._histograms(step)
+
+    def after_update(self, step: int) -> None:
+        """After optimizer.step() and scheduler.step() of step `step`."""
+        if self.layer_stats and self.layer_stats.active:
+            self.logger.scalars(step, self.layer_stats.end_step(self.all_reduce))  # a collective at world > 1
+        if self.noise is not None and step % self.log_every == 0:
+            if self.noise.flush_into(self.noise_estimate, self.all_reduce, self.ctx.device):  # a collective too
+                result = self.noise_estimate.result()
+                self.logger.scalars(step, {f"noise/{k}": v for k, v in result.items() if v is not None})
+
+    def validated(self, model: nn.Module, epoch: int) -> bool:
+        """After validation's forwards: whether it ran in eval mode (a guard warns if not)."""
+        self.guards.validation_mode(model, epoch)
+        return not model.training
+
+    def _measure_sharpness(self, steps_taken: int) -> None:
+        value = top_hessian_eigenvalue(self.model, F.cross_entropy, self.curvature_x, self.curvature_y,
+                                       batch_size=4096, all_reduce=self.all_reduce)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.sharpness.append([steps_taken, value])
+        # Gradient descent on a quadratic diverges once lr x sharpness > 2; the two curves share a chart.
+        self.logger.scalars(steps_taken, {"curvature/sharpness": value, "curvature/2_over_lr": 2 / lr if lr else 0.0})
+
+    def _histograms(self, step: int) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, p in self.model.named_parameters():
+            tensors[f"weights/{name}"] = p
+            if p.grad is not None:
+                tensors[f"grads/{name}"] = p.grad
+        self.logger.histograms(step, tensors)
+
+    def summary(self) -> dict:
+        """summary.json's `instruments`: the guards' messages ([] when healthy); the others when switched on."""
+        return {"guards": list(self.guards.messages),
+                "sharpness": self.sharpness if self.sharpness_every else None,
+                "noise_scale": self.noise_estimate.result() if self.noise_estimate else None}
+
+    def close(self) -> None:
+        if self.layer_stats:
+            self.layer_stats.remove()
+        if isinstance(self.noise, MicroBatchGradNoise):
+            self.noise.remove()
+
+
