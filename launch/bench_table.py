@@ -13,6 +13,7 @@ from launch.bench_worker import CASES, THREAD_CASES
 
 TARGETS = {"default": 0.90, "rule20k": 0.95, "medium": 0.95, "world2": 0.95}  # train.py / bare loop, at least
 LOGGING_MAX, CHECKPOINT_MAX, THREADS_MIN, END_TO_END_MAX = 0.02, 0.02, 0.8, 1.2
+NOISE_SCALE_MAX = 0.03  # --noise-scale's share of a world-2 step
 
 
 def _by_repeat(rows: list[dict], **match) -> dict[int, dict]:
@@ -61,6 +62,14 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
         row(f"TensorBoard + per-step scalars + console at default cadence, % of train.py's time: {name}",
             spread([100 * v for v in share], "{:.1f}%"), f"≤ {LOGGING_MAX:.0%}",
             verdict(share, LOGGING_MAX, at_least=False))
+    for name in cases:
+        ours, noise = _by_repeat(rows, case=name, kind="train.py"), _by_repeat(rows, case=name,
+                                                                               kind="train.py noise-scale")
+        if noise:
+            share = _paired(ours, noise, lambda t, n: (n["seconds"] - t["seconds"]) / n["seconds"])
+            row(f"--noise-scale (comm hook + grad norm every step), % of its run's time: {name}",
+                spread([100 * v for v in share], "{:.1f}%"), f"≤ {NOISE_SCALE_MAX:.0%}",
+                verdict(share, NOISE_SCALE_MAX, at_least=False))
     for name in cases:
         runs = list(_by_repeat(rows, case=name, kind="train.py").values())
         share = [r["checkpoint_seconds"] / r["loop_seconds"] for r in runs]

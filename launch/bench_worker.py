@@ -11,6 +11,7 @@ validation, the all-reduce, logging, checkpoints; the final checkpoint, after th
   bare           launch/bench_loops.py: the bare loop with its per-epoch validation (bare DDP at world 2)
   train.py       train.run() with its defaults
   train.py quiet the same without TensorBoard, per-step scalars or console lines (the logging row)
+  train.py noise-scale  the same with --noise-scale (world 2: the cost of the instrument's comm hook)
 Rank 0 appends one JSON line per repeat and loop to --out.
 """
 
@@ -37,6 +38,7 @@ from spine.logger import read_run
 
 # The logging row's baseline: TensorBoard, per-step scalars and console lines off.
 QUIET = ["--no-tensorboard", "--log-every", "1000000000", "--print-every", "1000000000"]
+KIND_FLAGS = {"train.py": [], "train.py quiet": QUIET, "train.py noise-scale": ["--noise-scale"]}
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Case:
     flags: tuple[str, ...]  # train.py flags of the recipe
     epochs: int  # per timed run; the first is warm-up and not counted
     world: int = 1
+    kinds: tuple[str, ...] = ("bare", "train.py", "train.py quiet")  # the loops timed side by side
 
 
 CASES = {
@@ -56,7 +59,8 @@ CASES = {
                    ("--hidden", "1024,1024", "--n-samples", "4000"), 3),
     "world2": Case("world 2 (gloo): rule 20,000, MLP 64-64, 32 per rank (250 steps/epoch)",
                    ("--dataset", "rule", "--dim", "8", "--classes", "4", "--n-samples", "20000",
-                    "--batch-size", "32"), 3, world=2),
+                    "--batch-size", "32"), 3, world=2,
+                   kinds=("bare", "train.py", "train.py quiet", "train.py noise-scale")),
 }
 
 THREAD_CASES = {"default": 60, "medium": 2}  # case -> epochs of each timed run in make bench's thread study
@@ -120,8 +124,7 @@ def run_bare(args: list[str], ctx: DistContext) -> dict:
 def run_kind(kind: str, args: list[str], ctx: DistContext, scratch: Path, clock: CheckpointClock) -> dict:
     if kind == "bare":
         return run_bare(args, ctx)
-    return run_train_py(args + (QUIET if kind == "train.py quiet" else []), ctx, scratch, kind.replace(" ", "-"),
-                        clock)
+    return run_train_py(args + KIND_FLAGS[kind], ctx, scratch, kind.replace(" ", "-"), clock)
 
 
 def main() -> int:
@@ -129,11 +132,12 @@ def main() -> int:
     p.add_argument("--case", required=True, choices=CASES)
     p.add_argument("--out", required=True, help="JSON lines are appended here (rank 0)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--kinds", default="bare,train.py,train.py quiet")
+    p.add_argument("--kinds", default="", help="comma-separated (default: the case's own)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--epochs", type=int, default=0, help="epochs per timed run instead of the case's (tests only)")
     opts = p.parse_args()
-    case, kinds = CASES[opts.case], opts.kinds.split(",")
+    case = CASES[opts.case]
+    kinds = opts.kinds.split(",") if opts.kinds else list(case.kinds)
     epochs = opts.epochs or case.epochs
     with (distributed_session(opts.device, 1, 120.0) as ctx, CheckpointClock() as clock,
           tempfile.TemporaryDirectory(prefix="bench-") as tmp):
