@@ -26,24 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (phase, function that is that phase's entry point: file suffix, function name). Cumulative times.
 PHASES = [
-    ("checkpoint: collective checks (safe_to_save)", "train.py", "safe_to_save"),
-    ("checkpoint: gather RNG + write + barrier (save)", "train.py", "save"),
+    ("checkpoint: check + gather RNG + write + barrier (Checkpointer.save)", "spine/checkpointer.py", "save"),
     ("  of which torch.save + fsync + rename (save_checkpoint)", "spine/checkpoint.py", "save_checkpoint"),
-    ("validation forwards (validation_sums)", "train.py", "validation_sums"),
+    ("validation forwards (Validation.sums)", "train.py", "sums"),
     ("epoch-end all-reduce: metrics, non-finite check, fingerprints (EpochMeter.end_of_epoch)", "spine/metrics.py",
      "end_of_epoch"),
     ("per-step bookkeeping (EpochMeter.record)", "spine/metrics.py", "record"),
-    ("non-finite checks (first_non_finite)", "train.py", "first_non_finite"),
-    ("per-rank values (per_rank_values)", "spine/distributed.py", "per_rank_values"),
-    ("per-step TensorBoard + console (_log_step)", "train.py", "_log_step"),
+    ("non-finite checks at --log-every (NonFiniteGuard.check_steps)", "spine/guard.py", "check_steps"),
+    ("live guards and instruments, per step (Instruments.step_start)", "spine/instruments/loop.py", "step_start"),
+    ("per-step TensorBoard + console (RunLogger.step)", "spine/logger.py", "step"),
     ("epoch row: jsonl + TensorBoard (RunLogger.epoch)", "spine/logger.py", "epoch"),
-    ("epoch console line (RunLogger.table_row)", "spine/logger.py", "table_row"),
     ("order fingerprints (data.fingerprint)", "data/__init__.py", "fingerprint"),
-    ("shuffle: DistributedSampler.__iter__", "torch/utils/data/distributed.py", "__iter__"),
+    ("epoch order (epoch_indices)", "spine/distributed.py", "epoch_indices"),
+    ("forward + loss + backward (forward_backward)", "train.py", "forward_backward"),
     ("grad norm (get_total_norm)", "torch/nn/utils/clip_grad.py", "_get_total_norm"),
-    ("lr schedule (LRScheduler.step)", "torch/optim/lr_scheduler.py", "step"),
+    ("lr schedule (LRSchedule.step)", "spine/optim.py", "step"),
     ("optimizer.step", "torch/optim/optimizer.py", "wrapper"),
-    ("backward", "torch/_tensor.py", "backward"),
 ]
 
 
