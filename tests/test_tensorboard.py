@@ -1,8 +1,9 @@
 """What TensorBoard reads from a run's event files: curves only (no single-point series, no hparam/* copies), and
 an HParams record that lists the hyperparameters a user varies and points at the run's own train/val series.
 
-The browser side (`make tensorboard-shots`) is not run here: TensorBoard plus headless Chromium take ~40 s on this
-machine, over the budget of a test."""
+The browser itself is left to `make tensorboard-shots`: TensorBoard and headless Chromium took about 30 s for the
+three views of two existing runs on this shared 2-core machine (`time python -m launch.tensorboard_shots --logdir
+DIR`), over the budget of a test; here only the script's refusal of bad input is checked."""
 
 from __future__ import annotations
 
@@ -108,3 +109,15 @@ def test_a_diverged_run_ends_as_a_failed_session_with_the_same_columns(tmp_path)
     _, healthy_records = _read(healthy.run_dir)
     # TensorBoard takes the dashboard's columns from whichever run it reads first: every run declares the same.
     assert records["experiment"] == healthy_records["experiment"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("logdir", ["missing", "empty"])
+def test_the_screenshot_script_refuses_a_logdir_without_runs(tmp_path, capsys, logdir):
+    from launch.tensorboard_shots import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["--logdir", str(tmp_path / logdir), "--out", str(tmp_path / "shots"), "--no-install"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --logdir") and "\n" not in err
+    assert not (tmp_path / "shots").exists()
