@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-checkpoint overfit-seeds overfit-study overfitting break faults scale bench report test lint tensorboard
+.PHONY: help overfit overfit-checkpoint overfit-seeds overfit-study overfitting break faults scale bench report test lint tensorboard tensorboard-shots
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -60,3 +60,6 @@ lint: $(STAMP) ## ruff
 
 tensorboard: $(STAMP) ## serve runs/ on http://127.0.0.1:6006
 	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 --port 6006
+
+tensorboard-shots: $(STAMP) ## two small runs in TensorBoard, shot by headless Chromium: reports/tensorboard/*.png
+	$(PY) -m launch.tensorboard_shots --out reports/tensorboard

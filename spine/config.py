@@ -45,64 +45,68 @@ AT_LEAST_ONE: Check = (lambda v: v is None or v >= 1, "must be at least 1 (leave
 
 def flag(default: Any, group: str, help: str, *, check: Check | None = None,
          choices: Callable[[], tuple[str, ...]] | tuple[str, ...] | None = None, noun: str = "",
-         name: str = "", metavar: str | None = None) -> Any:
-    """Declare one flag: a dataclass field whose metadata drives the parser, the TOML reader and validation."""
+         name: str = "", metavar: str | None = None, hparam: bool = False) -> Any:
+    """Declare one flag: a dataclass field whose metadata drives the parser, the TOML reader and validation.
+    `hparam`: a hyperparameter a user varies between runs, a column of TensorBoard's HParams dashboard."""
     return field(default=default, metadata={"group": group, "help": help, "check": check, "choices": choices,
-                                            "noun": noun, "name": name, "metavar": metavar})
+                                            "noun": noun, "name": name, "metavar": metavar, "hparam": hparam})
 
 
 @dataclass(frozen=True)
 class Config:
     # data
-    dataset: str = flag("moons", "data", "the dataset", choices=lambda: tuple(DATASETS))
+    dataset: str = flag("moons", "data", "the dataset", choices=lambda: tuple(DATASETS), hparam=True)
     n_samples: int = flag(200, "data", "total samples, train + validation",
-                          check=(lambda v: v >= 2, "must be at least 2"))
+                          check=(lambda v: v >= 2, "must be at least 2"), hparam=True)
     val_fraction: float = flag(0.2, "data", "share held out for validation, in (0, 1)",
                                check=(lambda v: 0 < v < 1, "must lie in (0, 1)"))
     noise: float = flag(0.1, "data", "noise level of the generator (>= 0)",
-                        check=(lambda v: _finite(v) and v >= 0, "must be >= 0"))
+                        check=(lambda v: _finite(v) and v >= 0, "must be >= 0"), hparam=True)
     dim: int = flag(2, "data", "input dimensions (rule dataset only)", check=POSITIVE)
     classes: int = flag(2, "data", "number of classes (rule dataset only)",
                         check=(lambda v: v >= 2, "must be at least 2"))
-    data_seed: int = flag(0, "data", "seed of the data generator, independent of --seed")
+    data_seed: int = flag(0, "data", "seed of the data generator, independent of --seed", hparam=True)
     order: str = flag("random", "data", "storage order of the training set: sorted groups it by class",
                       choices=("random", "sorted"))
     limit_samples: int = flag(0, "data", "train on only the first N training samples (the single-batch overfit "
                               "check); 0 = all", check=(lambda v: v >= 0, "must be >= 0 (0 = all)"))
     # model
-    model: str = flag("mlp", "model", "the model", choices=lambda: tuple(MODELS))
-    hidden: tuple[int, ...] = flag((64, 64), "model", "hidden widths, comma-separated, e.g. 64,64")
-    activation: str = flag("relu", "model", "activation after each hidden layer", choices=("relu", "tanh", "gelu"))
+    model: str = flag("mlp", "model", "the model", choices=lambda: tuple(MODELS), hparam=True)
+    hidden: tuple[int, ...] = flag((64, 64), "model", "hidden widths, comma-separated, e.g. 64,64", hparam=True)
+    activation: str = flag("relu", "model", "activation after each hidden layer", choices=("relu", "tanh", "gelu"),
+                           hparam=True)
     dropout: float = flag(0.0, "model", "dropout probability after each hidden layer, in [0, 1)",
-                          check=(lambda v: 0 <= v < 1, "must lie in [0, 1)"))
-    batchnorm: bool = flag(False, "model", "BatchNorm1d after each hidden linear layer")
+                          check=(lambda v: 0 <= v < 1, "must lie in [0, 1)"), hparam=True)
+    batchnorm: bool = flag(False, "model", "BatchNorm1d after each hidden linear layer", hparam=True)
     # optimisation
-    optimizer: str = flag("adam", "optimisation", "the optimizer", choices=OPTIMIZERS)
+    optimizer: str = flag("adam", "optimisation", "the optimizer", choices=OPTIMIZERS, hparam=True)
     lr: float = flag(0.01, "optimisation", "peak learning rate (> 0)",
-                     check=(lambda v: _finite(v) and v > 0, "must be a positive number"))
+                     check=(lambda v: _finite(v) and v > 0, "must be a positive number"), hparam=True)
     momentum: float = flag(0.0, "optimisation", "SGD momentum, in [0, 1)",
-                           check=(lambda v: 0 <= v < 1, "must lie in [0, 1)"))
+                           check=(lambda v: 0 <= v < 1, "must lie in [0, 1)"), hparam=True)
     weight_decay: float = flag(0.0, "optimisation", "L2 (SGD, Adam) or decoupled (AdamW) weight decay",
-                               check=NON_NEGATIVE)
-    schedule: str = flag("constant", "optimisation", "learning-rate schedule after warmup", choices=SCHEDULES)
+                               check=NON_NEGATIVE, hparam=True)
+    schedule: str = flag("constant", "optimisation", "learning-rate schedule after warmup", choices=SCHEDULES,
+                         hparam=True)
     warmup_steps: int = flag(0, "optimisation", "linear warmup from 0 to --lr over this many steps",
-                             check=NON_NEGATIVE)
+                             check=NON_NEGATIVE, hparam=True)
     grad_clip: float = flag(0.0, "optimisation", "clip the global grad norm to this value; 0 = off (the norm is "
-                            "logged either way)", check=OFF_OR_MORE)
-    epochs: int = flag(100, "optimisation", "total epochs; a resume continues up to this number", check=POSITIVE)
-    batch_size: int = flag(32, "optimisation", "samples per rank per micro-batch", check=POSITIVE)
+                            "logged either way)", check=OFF_OR_MORE, hparam=True)
+    epochs: int = flag(100, "optimisation", "total epochs; a resume continues up to this number", check=POSITIVE,
+                       hparam=True)
+    batch_size: int = flag(32, "optimisation", "samples per rank per micro-batch", check=POSITIVE, hparam=True)
     global_batch_size: int = flag(0, "optimisation", "samples per optimizer step over all ranks (instead of "
                                   "--batch-size): per-rank batch x world size x --grad-accum-steps, so it must "
                                   "divide by their product; 0 = use --batch-size", check=NON_NEGATIVE)
     grad_accum_steps: int = flag(1, "optimisation", "micro-batches of --batch-size per optimizer step on each "
                                  "rank; gradients add up locally (DDP's no_sync) and are all-reduced once, on the "
-                                 "last", check=(lambda v: v >= 1, "must be at least 1"))
+                                 "last", check=(lambda v: v >= 1, "must be at least 1"), hparam=True)
     eval_batch_size: int = flag(4096, "optimisation", "samples per validation forward", check=POSITIVE)
     target_loss: float = flag(1e-3, "optimisation", "report the first epoch and step at which the epoch's train "
                               "loss is <= this", check=POSITIVE)
-    seed: int = flag(0, "optimisation", "seed of initialisation, shuffling and dropout")
+    seed: int = flag(0, "optimisation", "seed of initialisation, shuffling and dropout", hparam=True)
     break_: str = flag("", "optimisation", "inject one deliberate mistake (make break)", name="break",
-                       choices=lambda: ("",) + tuple(BREAKS), noun="mistake", metavar="NAME")
+                       choices=lambda: ("",) + tuple(BREAKS), noun="mistake", metavar="NAME", hparam=True)
     # system
     device: str = flag("auto", "system", "auto = cuda when available; the backend follows (nccl on cuda, gloo on "
                        "cpu)", choices=("auto", "cpu", "cuda"))
@@ -185,6 +189,8 @@ def flag_name(f: dataclasses.Field) -> str:
 
 
 BY_NAME = {flag_name(f): f for f in FIELDS}
+# The hyperparameters a user varies, by flag name: what TensorBoard's HParams dashboard compares runs by.
+HPARAMS = tuple(flag_name(f) for f in FIELDS if f.metadata["hparam"])
 
 
 # --- parsing: command line and TOML ---------------------------------------------------------------------------

@@ -184,22 +184,16 @@ class RunLogger:
             self.metrics_file.flush()
 
     def hparams(self, config: dict, final: dict) -> None:
+        """This run's record in TensorBoard's HParams dashboard: `config` (flag name -> value, plus world_size)
+        narrowed to the hyperparameters a user varies; a run whose `final["diverged"]` is set ends as a failed
+        session. Its metrics are the run's own train/val series, so nothing is written as a scalar here."""
         if not self.writer:
             return
         self._handoff()
-        from torch.utils.tensorboard.summary import hparams
-
-        flat = {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in config.items()}
-        flat = {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
-        # Every metric is declared, even one a diverged run has no value for (None): TensorBoard takes the
-        # dashboard's columns from whichever run it reads first, so a run declaring fewer would hide them all.
-        metrics = {f"hparam/{k}": v for k, v in final.items()}
-        # Written into this run's own event file (add_hparams would open a sub-run).
-        for summary in hparams(flat, metrics):
+        # Written into this run's own event file (add_hparams would open a sub-run, where the plugin would look
+        # for the metric series and find none).
+        for summary in hparams_summaries(config, failed=bool(final.get("diverged"))):
             self.writer.file_writer.add_summary(summary)
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self.writer.add_scalar(k, v)
 
     def summary(self, summary: dict) -> None:
         self._write("summary.json", json.dumps(summary, indent=2) + "\n")
@@ -240,6 +234,73 @@ class RunLogger:
             self._handoff()  # keep the event file in step order
             for tag, values in tensors.items():
                 self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+
+# The HParams dashboard's metric columns: (tag, column title, dataset). The plugin shows, for each run, the last
+# value of the run's own series of that tag: the final epoch's, never a copy written for the dashboard.
+HPARAM_METRICS = (
+    ("val/loss", "val loss", "DATASET_VALIDATION"),
+    ("val/acc", "val acc", "DATASET_VALIDATION"),
+    ("train/loss", "train loss", "DATASET_TRAINING"),
+    ("train/acc", "train acc", "DATASET_TRAINING"),
+    ("perf/samples_per_sec", "samples/s (last epoch)", "DATASET_TRAINING"),
+)
+# The HParams table shows five hyperparameter columns until the user ticks more: those marked `differs`, then the
+# rest, each by name. A run cannot know what its siblings vary, so it marks these, the knobs most studies turn
+# (the others stay listed, one tick away).
+HPARAM_HEADLINE = ("lr", "optimizer", "hidden", "global_batch", "world_size")
+
+
+def hparam_values(config: dict) -> dict[str, float | str | bool]:
+    """The HParams columns of a run: the flags declared `hparam=True` (spine.config.HPARAMS), the world size and
+    the global batch it implies. Paths, run names, resume, checkpoint and logging settings stay out: they differ
+    between runs without changing what a run learns."""
+    from spine.config import HPARAMS
+
+    values: dict[str, float | str | bool] = {}
+    for key in HPARAMS:
+        v = config[key]
+        values[key] = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    values["world_size"] = config["world_size"]
+    # Samples per optimizer step: --batch-size is per rank and per micro-batch.
+    values["global_batch"] = config["batch-size"] * config["grad-accum-steps"] * config["world_size"]
+    return values
+
+
+def hparams_summaries(config: dict, failed: bool) -> list:
+    """The hparams plugin's three records for this run, as Summary protos: the experiment (which columns: every
+    run declares the same ones, since TensorBoard takes them from whichever run it reads first), the session's
+    start (this run's values) and its end (success, or failure for a diverged run)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    from spine.config import BY_NAME
+
+    values = hparam_values(config)
+    infos, start = [], plugin_data_pb2.SessionStartInfo()
+    for key, v in values.items():
+        field = BY_NAME.get(key)
+        if isinstance(v, bool):  # before the number case: a bool is an int
+            kind, start.hparams[key].bool_value = api_pb2.DATA_TYPE_BOOL, v
+        elif isinstance(v, (int, float)):
+            kind, start.hparams[key].number_value = api_pb2.DATA_TYPE_FLOAT64, v
+        else:
+            kind, start.hparams[key].string_value = api_pb2.DATA_TYPE_STRING, str(v)
+        infos.append(api_pb2.HParamInfo(name=key, type=kind, differs=key in HPARAM_HEADLINE,
+                                        description=field.metadata["help"] if field else key.replace("_", " ")))
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=title,
+                                  dataset_type=api_pb2.DatasetType.Value(dataset))
+               for tag, title, dataset in HPARAM_METRICS]
+    status = api_pb2.STATUS_FAILURE if failed else api_pb2.STATUS_SUCCESS
+    records = [
+        (metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(
+            experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics))),
+        (metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start)),
+        (metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+            session_end_info=plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time()))),
+    ]
+    return [Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))])
+            for tag, data in records]
 
 
 def now() -> float:

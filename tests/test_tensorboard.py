@@ -1,0 +1,123 @@
+"""What TensorBoard reads from a run's event files: curves only (no single-point series, no hparam/* copies), and
+an HParams record that lists the hyperparameters a user varies and points at the run's own train/val series.
+
+The browser itself is left to `make tensorboard-shots`: TensorBoard and headless Chromium took about 30 s for the
+three views of two existing runs on this shared 2-core machine (`time python -m launch.tensorboard_shots --logdir
+DIR`), over the budget of a test; here only the script's refusal of bad input is checked."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from spine.config import HPARAMS, Config
+from tests.helpers import run_train
+
+EPOCHS = 4
+# 160 training samples in batches of 32: 5 steps an epoch, 20 in all; per-step scalars at steps 5, 10, 15, 20.
+ARGS = ["--epochs", str(EPOCHS), "--log-every", "5", "--lr", "0.003", "--seed", "3"]
+# Settings that say where or how often a run writes, or how it is executed: none of them changes what it learns.
+NOT_HPARAMS = {"run-name", "runs-dir", "checkpoints-dir", "resume", "overwrite", "checkpoint-every-steps",
+               "checkpoint-every-epochs", "checkpoint-every-seconds", "keep-checkpoints", "log-every", "print-every",
+               "tensorboard", "threads", "device", "pg-timeout", "eval-batch-size", "target-loss"}
+
+
+def _read(run_dir):
+    """(scalar series by tag, hparams plugin records by tag) of a run, through TensorBoard's EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    series = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    records = {
+        "experiment": metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG]),
+        "start": metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG]),
+        "end": metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG]),
+    }
+    return series, records
+
+
+def _value(v):
+    kind = v.WhichOneof("kind")
+    return getattr(v, kind)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    run = run_train(tmp_path_factory.mktemp("tb"), ARGS, name="short")
+    assert run.returncode == 0, run.output[-2000:]
+    return run, *_read(run.run_dir)
+
+
+@pytest.mark.timeout(60)
+def test_every_scalar_is_a_curve_and_none_is_an_hparam_copy(short_run):
+    run, series, _ = short_run
+    assert not [tag for tag in series if tag.startswith("hparam")]
+    points = {tag: len(events) for tag, events in series.items()}
+    assert min(points.values()) > 1, points
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "perf/samples_per_sec"):
+        assert [e.step for e in series[tag]] == [5 * (e + 1) for e in range(EPOCHS)], tag
+    assert [e.step for e in series["step/train_loss"]] == [5, 10, 15, 20]
+
+
+@pytest.mark.timeout(60)
+def test_hparams_list_the_varied_hyperparameters_and_world_size(short_run):
+    run, _, records = short_run
+    hparams = {k: _value(v) for k, v in records["start"].hparams.items()}
+    assert set(hparams) == set(HPARAMS) | {"world_size", "global_batch"}
+    assert not set(hparams) & NOT_HPARAMS
+    assert {"lr", "batch-size", "optimizer", "model", "hidden", "dropout", "seed", "schedule"} <= set(hparams)
+    assert hparams["lr"] == 0.003 and hparams["seed"] == 3 and hparams["optimizer"] == "adam"
+    assert hparams["hidden"] == "64,64" and hparams["batchnorm"] is False
+    assert hparams["world_size"] == 1 and hparams["global_batch"] == 32
+    # The experiment declares the same columns, with the flag's help as the description.
+    infos = {h.name: h for h in records["experiment"].hparam_infos}
+    assert set(infos) == set(hparams)
+    assert infos["lr"].description == Config.__dataclass_fields__["lr"].metadata["help"]
+
+
+@pytest.mark.timeout(60)
+def test_hparams_metrics_are_the_last_points_of_the_runs_own_series(short_run):
+    from tensorboard.plugins.hparams import api_pb2
+
+    run, series, records = short_run
+    metrics = [(m.name.group, m.name.tag) for m in records["experiment"].metric_infos]
+    assert metrics[:4] == [("", "val/loss"), ("", "val/acc"), ("", "train/loss"), ("", "train/acc")]
+    # Group "" is the session's own run: the plugin shows the last point of that run's series of each tag.
+    for _, tag in metrics:
+        assert len(series[tag]) == EPOCHS, tag
+    final = run.summary["final"]
+    assert math.isclose(series["val/loss"][-1].value, final["val_loss"], rel_tol=1e-6)
+    assert math.isclose(series["train/loss"][-1].value, final["train_loss"], rel_tol=1e-6)
+    assert series["val/acc"][-1].value == pytest.approx(final["val_acc"])
+    assert records["end"].status == api_pb2.STATUS_SUCCESS
+
+
+@pytest.mark.timeout(60)
+def test_a_diverged_run_ends_as_a_failed_session_with_the_same_columns(tmp_path):
+    from tensorboard.plugins.hparams import api_pb2
+
+    run = run_train(tmp_path, ["--epochs", "3", "--lr", "1e6", "--optimizer", "sgd", "--log-every", "1"], name="div")
+    assert run.returncode == 3, run.output[-2000:]
+    series, records = _read(run.run_dir)
+    assert records["end"].status == api_pb2.STATUS_FAILURE
+    assert not [tag for tag in series if tag.startswith("hparam")]
+    healthy = run_train(tmp_path, ["--epochs", "2"], name="ok")
+    _, healthy_records = _read(healthy.run_dir)
+    # TensorBoard takes the dashboard's columns from whichever run it reads first: every run declares the same.
+    assert records["experiment"] == healthy_records["experiment"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("logdir", ["missing", "empty"])
+def test_the_screenshot_script_refuses_a_logdir_without_runs(tmp_path, capsys, logdir):
+    from launch.tensorboard_shots import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["--logdir", str(tmp_path / logdir), "--out", str(tmp_path / "shots"), "--no-install"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --logdir") and "\n" not in err
+    assert not (tmp_path / "shots").exists()
