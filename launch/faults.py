@@ -104,7 +104,7 @@ class Bench:
             runs = self.scratch / "runs"
             if step_losses(runs / name) != step_losses(runs / ref.name):
                 problems.append("per-step losses differ from the uninterrupted run")
-            for tag in ("step/train_loss", "train/loss"):
+            for tag in ("step/train_loss", "loss/train"):
                 if tensorboard_scalars(runs / name, tag) != tensorboard_scalars(runs / ref.name, tag):
                     problems.append(f"TensorBoard's {tag} differs from the uninterrupted run (or repeats a step)")
         return len(problems), problems

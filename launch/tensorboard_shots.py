@@ -222,7 +222,9 @@ def views(runs: list[str]) -> list[tuple[str, str, object, tuple[int, int]]]:
         # The view a user lands on: the tag groups by name, the first two expanded. forceSVG is TensorBoard's own
         # switch from WebGL to SVG charts: headless Chromium draws no lines on its WebGL canvases (checked: axes,
         # no data), the SVG ones show the same series.
-        ("time_series", "?forceSVG=true#timeseries", needs(runs + [" cards "], lines=2), (WIDTH, 1500)),
+        # It opens on accuracy/ and loss/ (train and val each): four cards, a raw and a smoothed line per run.
+        ("time_series", "?forceSVG=true#timeseries", needs(runs + [" cards "], lines=4 * 2 * len(runs)),
+         (WIDTH, 1500)),
         # One line per run per chart: loss and accuracy, train and val.
         ("custom_scalars", "#custom_scalars", needs(["train vs val"], lines=2 * len(runs)), (WIDTH, 800)),
         # The table: one row per run, its hyperparameters and each metric's last value; wide enough for all five

@@ -79,8 +79,8 @@ class RunLogger:
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
             self.writer.add_custom_scalars({
                 "train vs val": {
-                    "loss": ["Multiline", ["train/loss", "val/loss"]],
-                    "accuracy": ["Multiline", ["train/acc", "val/acc"]],
+                    "loss": ["Multiline", ["loss/train", "loss/val"]],
+                    "accuracy": ["Multiline", ["accuracy/train", "accuracy/val"]],
                 },
             })
 
@@ -169,8 +169,10 @@ class RunLogger:
             self.metrics_file.flush()
             self._last_flush = clock
         if self.writer:
-            values = {key: record[key.replace("/", "_")] for key in ("train/loss", "train/acc", "val/loss", "val/acc")}
-            values.update({"perf/samples_per_sec": record["samples_per_sec"], "train/epoch": record["epoch"],
+            # Groups named so TensorBoard's Time Series (groups by name, the first two open) opens on them.
+            values = {"loss/train": record["train_loss"], "loss/val": record["val_loss"],
+                      "accuracy/train": record["train_acc"], "accuracy/val": record["val_acc"]}
+            values.update({"perf/samples_per_sec": record["samples_per_sec"], "progress/epoch": record["epoch"],
                            "perf/epoch_seconds": record["epoch_seconds"], "perf/peak_rss_mb": record["peak_rss_mb"]})
             self._scalars(record["step"], values)
 
@@ -239,10 +241,10 @@ class RunLogger:
 # The HParams dashboard's metric columns: (tag, column title, dataset). The plugin shows, for each run, the last
 # value of the run's own series of that tag: the final epoch's, never a copy written for the dashboard.
 HPARAM_METRICS = (
-    ("val/loss", "val loss", "DATASET_VALIDATION"),
-    ("val/acc", "val acc", "DATASET_VALIDATION"),
-    ("train/loss", "train loss", "DATASET_TRAINING"),
-    ("train/acc", "train acc", "DATASET_TRAINING"),
+    ("loss/val", "val loss", "DATASET_VALIDATION"),
+    ("accuracy/val", "val acc", "DATASET_VALIDATION"),
+    ("loss/train", "train loss", "DATASET_TRAINING"),
+    ("accuracy/train", "train acc", "DATASET_TRAINING"),
     ("perf/samples_per_sec", "samples/s (last epoch)", "DATASET_TRAINING"),
 )
 # The HParams table shows five hyperparameter columns until the user ticks more: those marked `differs`, then the

@@ -48,17 +48,17 @@ def test_instruments_on_change_no_weight_and_log_what_they_measure(tmp_path):
 
     events = _events(on.run_dir)
     scalars, histograms = set(events.Tags()["scalars"]), set(events.Tags()["histograms"])
-    for tag in ("layers.net.0/weight.grad_norm", "layers.net.0/weight.norm", "layers.net.0/weight.update_ratio",
-                "layers.net.1/act.mean", "layers.net.1/act.std", "layers.net.1/dead_fraction",
-                "curvature/sharpness", "curvature/2_over_lr"):
+    for tag in ("per_layer.net.0/weight.grad_norm", "per_layer.net.0/weight.norm",
+                "per_layer.net.0/weight.update_ratio", "per_layer.net.1/act.mean", "per_layer.net.1/act.std",
+                "per_layer.net.1/dead_fraction", "sharpness/lambda_max", "sharpness/2_over_lr"):
         assert tag in scalars, tag
-    logged = [e.step for e in events.Scalars("layers.net.0/weight.update_ratio")]
+    logged = [e.step for e in events.Scalars("per_layer.net.0/weight.update_ratio")]
     assert logged == list(range(10, steps + 1, 10))  # every --log-every (10) steps
-    assert all(0 < e.value < 1 for e in events.Scalars("layers.net.0/weight.update_ratio"))
-    assert [e.value for e in events.Scalars("curvature/2_over_lr")] == [2 / 0.01] * len(instruments["sharpness"])
+    assert all(0 < e.value < 1 for e in events.Scalars("per_layer.net.0/weight.update_ratio"))
+    assert [e.value for e in events.Scalars("sharpness/2_over_lr")] == [2 / 0.01] * len(instruments["sharpness"])
     assert {"weights/net.0.weight", "grads/net.0.weight"} <= histograms
     assert [e.step for e in events.Histograms("grads/net.0.weight")] == [20, 40, 60]  # after epochs 2, 4, 6
-    assert not any(tag.startswith("layers") for tag in _events(off.run_dir).Tags()["scalars"])
+    assert not any(tag.startswith("per_layer") for tag in _events(off.run_dir).Tags()["scalars"])
 
 
 def test_the_first_sharpness_is_the_exact_top_eigenvalue_of_the_initial_hessian(tmp_path):
@@ -75,7 +75,8 @@ def test_the_first_sharpness_is_the_exact_top_eigenvalue_of_the_initial_hessian(
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
 
     def loss(theta: torch.Tensor) -> torch.Tensor:
-        pieces = dict(zip(names, [t.reshape(s) for t, s in zip(theta.split([s.numel() for s in shapes]), shapes)]))
+        chunks = theta.split([s.numel() for s in shapes])
+        pieces = {n: t.reshape(s) for n, t, s in zip(names, chunks, shapes, strict=True)}
         logits = torch.func.functional_call(model.double(), pieces, (data.train_x[:50].double(),))
         return F.cross_entropy(logits, data.train_y[:50])
 

@@ -80,7 +80,7 @@ def test_tensorboard_has_no_duplicated_steps_after_a_resume(tmp_path):
     shutil.copy(run.ckpt_dir / "step-00000020.pt", back)
     again = run_train(tmp_path, COMMON + ["--epochs", "6", "--log-every", "1", "--resume", str(back)], name="tb")
     assert again.returncode == 0, again.stderr
-    epoch_steps = _scalar_steps(run.run_dir, "train/loss")
+    epoch_steps = _scalar_steps(run.run_dir, "loss/train")
     step_steps = _scalar_steps(run.run_dir, "step/train_loss")
     assert epoch_steps == [5, 10, 15, 20, 25, 30]
     assert step_steps == list(range(1, 31))

@@ -235,4 +235,4 @@ def test_the_sweep_runs_measures_and_reports_on_a_tiny_config(tmp_path):
     # Every run is in TensorBoard's HParams dashboard with its configuration and outcomes.
     session, tags = _hparams_records(tmp_path / "scale-runs" / "runs" / rows[-1]["name"])
     assert session["world_size"] == float(rows[-1]["world"]) and session["grad-accum-steps"] > 1
-    assert {"train/loss", "val/loss", "perf/samples_per_sec"} <= set(tags)
+    assert {"loss/train", "loss/val", "perf/samples_per_sec"} <= set(tags)

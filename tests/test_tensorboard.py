@@ -58,7 +58,7 @@ def test_every_scalar_is_a_curve_and_none_is_an_hparam_copy(short_run):
     assert not [tag for tag in series if tag.startswith("hparam")]
     points = {tag: len(events) for tag, events in series.items()}
     assert min(points.values()) > 1, points
-    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "perf/samples_per_sec"):
+    for tag in ("loss/train", "accuracy/train", "loss/val", "accuracy/val", "perf/samples_per_sec"):
         assert [e.step for e in series[tag]] == [5 * (e + 1) for e in range(EPOCHS)], tag
     assert [e.step for e in series["step/train_loss"]] == [5, 10, 15, 20]
 
@@ -85,14 +85,14 @@ def test_hparams_metrics_are_the_last_points_of_the_runs_own_series(short_run):
 
     run, series, records = short_run
     metrics = [(m.name.group, m.name.tag) for m in records["experiment"].metric_infos]
-    assert metrics[:4] == [("", "val/loss"), ("", "val/acc"), ("", "train/loss"), ("", "train/acc")]
+    assert metrics[:4] == [("", "loss/val"), ("", "accuracy/val"), ("", "loss/train"), ("", "accuracy/train")]
     # Group "" is the session's own run: the plugin shows the last point of that run's series of each tag.
     for _, tag in metrics:
         assert len(series[tag]) == EPOCHS, tag
     final = run.summary["final"]
-    assert math.isclose(series["val/loss"][-1].value, final["val_loss"], rel_tol=1e-6)
-    assert math.isclose(series["train/loss"][-1].value, final["train_loss"], rel_tol=1e-6)
-    assert series["val/acc"][-1].value == pytest.approx(final["val_acc"])
+    assert math.isclose(series["loss/val"][-1].value, final["val_loss"], rel_tol=1e-6)
+    assert math.isclose(series["loss/train"][-1].value, final["train_loss"], rel_tol=1e-6)
+    assert series["accuracy/val"][-1].value == pytest.approx(final["val_acc"])
     assert records["end"].status == api_pb2.STATUS_SUCCESS
 
 

@@ -39,7 +39,8 @@ class Instruments:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.all_reduce = all_reduce_sum if ctx.world_size > 1 else None
         self.guards = Guards(warn=self._warn)
-        self.layer_stats = LayerStats(model) if cfg.layer_stats else None
+        # "per_layer" sorts after loss/ and accuracy/, which TensorBoard then opens on
+        self.layer_stats = LayerStats(model, prefix="per_layer") if cfg.layer_stats else None
         self.histograms_every = cfg.histograms_every
         self.sharpness_every, self.sharpness = cfg.sharpness_every, []
         if self.sharpness_every:
@@ -115,7 +116,7 @@ class Instruments:
         lr = self.optimizer.param_groups[0]["lr"]
         self.sharpness.append([steps_taken, value])
         # Gradient descent on a quadratic diverges once lr x sharpness > 2; the two curves share a chart.
-        self.logger.scalars(steps_taken, {"curvature/sharpness": value, "curvature/2_over_lr": 2 / lr if lr else 0.0})
+        self.logger.scalars(steps_taken, {"sharpness/lambda_max": value, "sharpness/2_over_lr": 2 / lr if lr else 0.0})
 
     def _histograms(self, step: int) -> None:
         tensors: dict[str, torch.Tensor] = {}
