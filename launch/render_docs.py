@@ -32,7 +32,7 @@ def render(text: str, root: Path = ROOT) -> str:
 
 
 def main(paths: list[str]) -> int:
-    for name in paths or ["experiments.md", "postmortem.md"]:
+    for name in paths or ["experiments.md", "postmortem.md", "docs/performance.md", "docs/distributed.md"]:
         path = ROOT / name
         if not path.exists():
             continue

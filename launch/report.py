@@ -14,6 +14,7 @@ source between its markers, leaving the prose around it alone.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -25,21 +26,21 @@ from launch.render_docs import render
 
 REPO = Path(__file__).resolve().parents[1]
 
-DOCUMENTS = ("experiments.md", "postmortem.md")
-CITATION = re.compile(r"<!-- generated: (reports/[^ ]+) -->|\]\((reports/[^)#\s]+)\)")
+DOCUMENTS = ("experiments.md", "postmortem.md", "docs/performance.md", "docs/distributed.md")
+# A link from docs/ reaches reports/ through "../".
+CITATION = re.compile(r"<!-- generated: (reports/[^ ]+) -->|\]\((?:\.\./)?(reports/[^)#\s]+)\)")
 
 
 @dataclass(frozen=True)
 class Producer:
     name: str
-    module: str  # launch.<module>, run with --out <out> (relative to the root, so reports record relative paths)
+    module: str  # launch.<module>, run in the root with --out <out>, relative, so reports record relative paths
     out: str
     owns: tuple[str, ...]  # path prefixes, relative to the root
     extra: tuple[str, ...] = field(default=())
 
     def command(self, root: Path) -> list[str]:
-        out = self.out if root == REPO else str(root / self.out)
-        return [sys.executable, "-m", f"launch.{self.module}", "--out", out, *self.extra]
+        return [sys.executable, "-m", f"launch.{self.module}", "--out", self.out, *self.extra]
 
 
 PRODUCERS = (
@@ -47,6 +48,8 @@ PRODUCERS = (
     Producer("overfit-study", "overfit_study", "reports/overfit",
              ("reports/overfit/study", "reports/overfit/boundary.png", "reports/overfit/curves.png")),
     Producer("break", "break_all", "reports/break", ("reports/break/",)),
+    Producer("stability", "stability", "reports/stability", ("reports/stability/",)),
+    Producer("scale-study", "scale_study", "reports/scale-study", ("reports/scale-study/",)),
     Producer("overfitting", "overfitting", "reports/overfitting", ("reports/overfitting/",)),
     Producer("scale", "scale", "reports/scale", ("reports/scale/",)),
     Producer("bench", "bench", "reports/bench", ("reports/bench/",)),
@@ -91,7 +94,9 @@ def regenerate(root: Path = REPO, documents: tuple[str, ...] = DOCUMENTS, produc
     for producer in todo:
         print(f"report: running {producer.name}: {' '.join(producer.command(root)[1:])}", flush=True)
         start = time.perf_counter()
-        result = subprocess.run(producer.command(root), cwd=REPO)
+        # In the root, with relative paths: the files a regeneration writes never record where the clone lives.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        result = subprocess.run(producer.command(root), cwd=root, env=env)
         if result.returncode != 0:
             raise RuntimeError(f"{producer.name} failed with exit code {result.returncode}")
         print(f"report: {producer.name} took {time.perf_counter() - start:.0f} s", flush=True)

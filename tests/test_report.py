@@ -45,3 +45,23 @@ def test_every_file_the_real_documents_cite_has_exactly_one_producer():
     assert len(cited) > 10
     for path in cited:
         owner(path, PRODUCERS)
+
+
+def test_spread_and_the_noise_verdict():
+    from launch.stats import outside, spread, verdict
+
+    assert spread([3, 1, 2, None, 5]) == "3 [1–not reached]"
+    assert spread([None, None]) == "not reached"
+    assert outside([30, 31, 32], [10, 20, 25]) == 1 and outside([5, 6], [10, 20]) == -1
+    assert outside([12, 40, 41], [10, 20, 25]) == 1  # the median decides, not one outlier seed
+    assert outside([15, 16], [10, 20]) == 0
+    assert verdict({"epochs": ([15], [10, 20])}) == "no (not distinguishable from noise)"
+    assert verdict({"epochs": ([None], [10, 20]), "loss": ([0.1], [0.2, 0.3])}) == "yes: epochs ↑, loss ↓"
+
+
+def test_regeneration_writes_no_absolute_paths():
+    producer = PRODUCERS[0]
+    assert all(not part.startswith("/") for part in producer.command(REPO)[1:])
+    for report in (REPO / "reports").rglob("*.json"):
+        if "-runs" not in str(report):
+            assert str(REPO) not in report.read_text(), report
