@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-checkpoint overfit-seeds overfit-study overfitting break faults scale bench report test lint tensorboard tensorboard-shots
+.PHONY: stability scale-study help overfit overfit-checkpoint overfit-seeds overfit-study overfitting break faults scale bench report test lint tensorboard tensorboard-shots
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -34,6 +34,12 @@ overfit-study: $(STAMP) ## one-at-a-time study of lr, width, depth, batch, optim
 
 overfitting: $(STAMP) ## a real overfitting run: val loss turns up; best.pt vs last.pt on fresh data (reports/overfitting)
 	$(PY) -m launch.overfitting --out reports/overfitting
+
+stability: $(STAMP) ## the stability edge: lambda_max at init against lr sweeps of SGD, momentum, Adam (reports/stability)
+	$(PY) -m launch.stability --out reports/stability
+
+scale-study: $(STAMP) ## Part 4 on 5 seeds: data size at fixed epochs and steps, batch, warmup (reports/scale-study)
+	$(PY) -m launch.scale_study --out reports/scale-study
 
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
 	$(PY) -m launch.break_all --out reports/break
