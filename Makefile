@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-checkpoint overfit-seeds overfit-study overfitting break faults scale bench report test lint tensorboard
+.PHONY: help overfit overfit-checkpoint overfit-seeds overfit-study overfitting digits break faults scale bench report test lint tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ overfit-study: $(STAMP) ## one-at-a-time study of lr, width, depth, batch, optim
 
 overfitting: $(STAMP) ## a real overfitting run: val loss turns up; best.pt vs last.pt on fresh data (reports/overfitting)
 	$(PY) -m launch.overfitting --out reports/overfitting
+
+digits: $(STAMP) ## CNN on scikit-learn's 8x8 digits, 5 seeds x fp32/bf16/fp16, >= 97% val; overfit 200 images (reports/digits)
+	$(PY) -m launch.digits --out reports/digits
 
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
 	$(PY) -m launch.break_all --out reports/break

@@ -22,7 +22,7 @@ from typing import Any
 
 import tomllib
 
-from data import DATASETS, REAL_DATASETS, dataset_layout, dataset_shape, is_dataset_name, short_name
+from data import DATASETS, REAL_DATASETS, dataset_layout, dataset_shape, is_dataset_name, npz_path, short_name
 from models import MODELS
 from spine.breaks import BREAKS
 from spine.errors import UsageError
@@ -358,6 +358,9 @@ def _cross_checks(cfg: Config, world_size: int):
            "GPU modules' under DDP on CPU, so on CPU each rank normalises with its own batch's statistics")
     # The data's sizes and sample shape, from the flags (or an npz file's headers: a bad file is refused here).
     n_train, n_val, shape = dataset_layout(cfg.dataset, cfg.n_samples, cfg.val_fraction, cfg.dim, cfg.classes)
+    yield (npz_path(cfg.dataset) is None or min(n_train, n_val) >= world_size,
+           f"--dataset {cfg.dataset}: {n_train} training and {n_val} validation samples for {world_size} rank(s): "
+           "every rank needs at least one of each")
     yield (cfg.model != "cnn" or len(shape) == 3,
            f"--model cnn needs images, samples of shape (channels, height, width); --dataset {cfg.dataset} gives "
            f"samples of shape {shape}")
