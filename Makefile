@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-checkpoint overfit-seeds overfit-study overfitting digits break faults scale bench report test lint tensorboard
+.PHONY: help overfit overfit-checkpoint overfit-seeds overfit-study overfitting digits break faults scale bench report test test-slow lint tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ bench: $(STAMP) ## train.py's loop vs bare, tutorial and bare-DDP loops, side by
 test: $(STAMP) ## ruff, then the test suite (CPU, gloo, real processes)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+test-slow: $(STAMP) ## the torch.compile tests left out of make test (minutes of cold CPU compiles)
+	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
