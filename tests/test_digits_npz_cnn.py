@@ -661,3 +661,21 @@ def test_compiled_ddp_world2_equals_eager_world1_at_the_same_global_batch(tmp_pa
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4, msg=name)
     checksums = ddp.summary["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
+
+
+@pytest.mark.experiment
+@pytest.mark.timeout(300)
+def test_make_digits_launcher_writes_its_report_and_checks_its_targets(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "launch.digits", "--out", str(tmp_path), "--seeds", "1",
+                           "--precisions", "fp32", "--no-world2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = (tmp_path / "digits.md").read_text()
+    assert "| fp32 | 1/1 |" in report  # the seed reached 97% validation accuracy
+    assert "- 100% train accuracy first reached at epoch" in report
+    assert "every fp32 seed ends at >= 97% validation accuracy: yes" in report
