@@ -121,7 +121,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContex
 
 
 def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDataset, idx: torch.Tensor,
-                     micro_batch: int, amp: Precision) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     micro_batch: int, amp: Precision | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's gradients into .grad, from this rank's samples `idx`: the step's per-sample loss, and its
     predicted classes with their labels (compared once per epoch: an accuracy per step costs ~4% of a small step).
 
@@ -129,6 +129,7 @@ def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDatase
     .grad; only the last one's backward all-reduces. With one micro-batch it is one plain, synchronised batch.
     `amp`: forward and loss under autocast (bf16/fp16; nothing at fp32), backward of the scaled loss under fp16.
     """
+    amp = amp or Precision("fp32", idx.device)  # fp32: plain forward, backward and (in the loop) step
     micro_batches = idx.split(micro_batch) if idx.shape[0] > micro_batch else (idx,)
     step_loss, predicted = None, []
     for i, micro_idx in enumerate(micro_batches):

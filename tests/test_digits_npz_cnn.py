@@ -679,3 +679,28 @@ def test_make_digits_launcher_writes_its_report_and_checks_its_targets(tmp_path)
     assert "| fp32 | 1/1 |" in report  # the seed reached 97% validation accuracy
     assert "- 100% train accuracy first reached at epoch" in report
     assert "every fp32 seed ends at >= 97% validation accuracy: yes" in report
+
+
+def _sync_batchnorm_under_ddp(rank: int, world: int) -> str:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(CNN((1, 8, 8), 10, hidden=(4, 8), batchnorm=True))
+        try:
+            torch.nn.parallel.DistributedDataParallel(model)
+        except ValueError as e:
+            return str(e)
+        return "accepted"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(90)
+def test_torch_refuses_sync_batchnorm_on_cpu_under_ddp_which_is_why_the_flag_is_gpu_only():
+    from tests.helpers import spawn_ranks
+
+    # If a later torch accepts it, this fails: then --sync-batchnorm can be allowed on CPU (spine/config.py).
+    refusal = "SyncBatchNorm layers only work with GPU modules"
+    assert spawn_ranks(_sync_batchnorm_under_ddp, 2, timeout=60) == [refusal] * 2
