@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: stability scale-study help overfit overfit-checkpoint overfit-seeds overfit-study overfitting break faults scale bench report test lint tensorboard tensorboard-shots
+.PHONY: help overfit overfit-checkpoint overfit-seeds overfit-study overfitting digits stability scale-study break faults scale bench report test test-slow lint tensorboard tensorboard-shots
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ stability: $(STAMP) ## the stability edge: lambda_max at init against lr sweeps 
 scale-study: $(STAMP) ## Part 4 on 5 seeds: data size at fixed epochs and steps, batch, warmup (reports/scale-study)
 	$(PY) -m launch.scale_study --out reports/scale-study
 
+digits: $(STAMP) ## CNN on scikit-learn's 8x8 digits, 5 seeds x fp32/bf16/fp16, >= 97% val; overfit 200 images (reports/digits)
+	$(PY) -m launch.digits --out reports/digits
+
 break: $(STAMP) ## every deliberate bug vs a baseline: table, overlay PNGs, detected symptoms (reports/break)
 	$(PY) -m launch.break_all --out reports/break
 
@@ -60,6 +63,9 @@ bench: $(STAMP) ## train.py's loop vs bare, tutorial and bare-DDP loops, side by
 test: $(STAMP) ## ruff, then the test suite (CPU, gloo, real processes)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+test-slow: $(STAMP) ## the torch.compile tests left out of make test (minutes of cold CPU compiles)
+	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .

@@ -37,6 +37,7 @@ from data import SplitDataset, build_dataset, fingerprint
 from models import build_model, multiply_adds
 from spine import breaks, faults, summary
 from spine.checkpointer import Checkpointer
+from spine.compiler import compiled, failure_line
 from spine.config import Config, parse_config, to_toml
 from spine.distributed import (
     DistContext,
@@ -58,13 +59,14 @@ from spine.instruments.lr_find import LR_FIND_RULE, LRRangeTest, plot_lr_range
 from spine.logger import RunLogger, now
 from spine.metrics import EpochMeter
 from spine.optim import build_optimizer, build_scheduler
+from spine.precision import Precision
 from spine.state import TrainState
 
 
 def load_data(cfg: Config, ctx: DistContext) -> SplitDataset:
     """Generated from --data-seed on every rank, never from the rank, so the shards line up; proven equal."""
     data = build_dataset(cfg.dataset, cfg.n_samples, cfg.val_fraction, cfg.noise, cfg.dim, cfg.classes,
-                         cfg.data_seed, cfg.order).to(ctx.device)
+                         cfg.data_seed, cfg.order, ctx.world_size, ctx.local_world_size).to(ctx.device)
     if cfg.limit_samples:
         data = data.limit_train(cfg.limit_samples)
     fingerprints = per_rank_values(int(data.fingerprint[:13], 16), ctx)
@@ -85,8 +87,10 @@ class Validation:
     answer. DistributedSampler pads its index list (repeating the first entries) until it divides by the world
     size; the shard leaves those repeats out, or they would count twice."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, ctx: DistContext, batch_size: int, bug: str = "") -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, ctx: DistContext, batch_size: int, bug: str = "",
+                 amp: Precision | None = None) -> None:
         self.x, self.y, self.batch_size, self.bug = x, y, batch_size, bug
+        self.amp = amp or Precision("fp32", x.device)  # the training precision: what is measured is what was trained
         padded = DistributedSampler(range(len(x)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=False)
         # This rank's k-th index sits at position rank + k*world of the padded list; positions >= len(x) are padding.
         position = ctx.rank + ctx.world_size * torch.arange(len(padded))
@@ -100,7 +104,8 @@ class Validation:
         totals = torch.zeros(3, dtype=torch.float64, device=self.x.device)
         for start in range(0, len(self.shard), self.batch_size):
             idx = self.shard[start:start + self.batch_size]
-            logits = model(self.x[idx])
+            with self.amp.autocast():
+                logits = model(self.x[idx])
             totals[0] += F.cross_entropy(logits, self.y[idx], reduction="none").double().sum()
             totals[1] += (logits.argmax(1) == self.y[idx]).sum()
             totals[2] += len(idx)
@@ -113,36 +118,41 @@ class Validation:
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext,
-             batch_size: int) -> tuple[float, float]:
+             batch_size: int, amp: Precision | None = None) -> tuple[float, float]:
     """Exact (loss, accuracy) of `model` on (x, y) right now: a collective, every rank calls it."""
-    validation = Validation(x, y, ctx, batch_size)
+    validation = Validation(x, y, ctx, batch_size, amp=amp)
     local = validation.sums(model)
     return validation.metrics(local, all_reduce_sum(local.clone()).tolist())
 
 
 def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDataset, idx: torch.Tensor,
-                     micro_batch: int, measure: Callable[[int, int], AbstractContextManager] = lambda *_: nullcontext(),
+                     micro_batch: int, amp: Precision | None = None,
+                     measure: Callable[[int, int], AbstractContextManager] = lambda *_: nullcontext(),
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's gradients into .grad, from this rank's samples `idx`: the step's per-sample loss, and its
     predicted classes with their labels (compared once per epoch: an accuracy per step costs ~4% of a small step).
 
     Gradient accumulation: the step's batch is cut into micro-batches of `micro_batch` whose gradients add up in
     .grad; only the last one's backward all-reduces. With one micro-batch it is one plain, synchronised batch.
+    `amp`: forward and loss under autocast (bf16/fp16; nothing at fp32), backward of the scaled loss under fp16.
     `measure(micro, step)` wraps each backward (an instrument's context: the noise scale's micro-batch gradient).
     """
+    amp = amp or Precision("fp32", idx.device)  # fp32: plain forward, backward and (in the loop) step
     micro_batches = idx.split(micro_batch) if idx.shape[0] > micro_batch else (idx,)
     step_loss, predicted = None, []
     for i, micro_idx in enumerate(micro_batches):
         x, y = data.train_x[micro_idx], data.train_y[micro_idx]
         with grad_sync(ddp_model, sync=i == len(micro_batches) - 1):  # no_sync() unless the last: forward AND backward
-            logits = ddp_model(x)  # forward
-            loss = loss_fn(logits, y)  # mean over this rank's batch; DDP's averaging makes it the global mean
+            with amp.autocast():  # --precision bf16/fp16; a no-op at fp32
+                logits = ddp_model(x)  # forward
+                loss = loss_fn(logits, y)  # mean over this rank's batch; DDP's averaging makes it the global mean
             if len(micro_batches) > 1:  # weighted by its share of the step's samples: .grad sums to the step's mean
                 loss = loss * (len(micro_idx) / len(idx))
             with measure(len(micro_idx), len(idx)):
-                loss.backward()  # gradients; under DDP, all-reduced across ranks as they are produced
+                amp.backward(loss)  # loss.backward() (scaled under fp16); under DDP, all-reduced as gradients appear
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         predicted.append(logits.detach().argmax(1))
+    amp.unscale()  # fp16: divide .grad by the loss scale, so the grad norm and clipping see the true gradients
     if loss_fn.reduction == "sum":  # --break sum-loss: the loss stepped on is a sum, the one logged stays a mean
         step_loss = step_loss / len(idx)
     if len(micro_batches) == 1:
@@ -153,30 +163,34 @@ def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDatase
 def train(cfg: Config, ctx: DistContext) -> dict:
     data = load_data(cfg, ctx)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
-    model = build_model(cfg.model, data.in_dim, data.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
                         cfg.batchnorm).to(ctx.device)
     if not cfg.threads:  # the default: one thread for a small step, all of the rank's cores for a large one
         threads = default_threads(ctx.local_world_size, multiply_adds(model, data.train_x[:1]) * cfg.batch_size)
         torch.set_num_threads(threads)
         ctx = dataclasses.replace(ctx, threads=threads)
+    if cfg.sync_batchnorm:  # GPU only (config refuses it on CPU): BatchNorm over the global batch, not each rank's
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp_model = DDP(model) if ctx.world_size > 1 else model  # DDP averages gradients over ranks in backward()
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    amp = Precision(cfg.precision, ctx.device, optimizer)  # autocast, fp16's scaler; refuses what cannot run here
     loss_fn = nn.CrossEntropyLoss()  # mean, not sum: a summed loss makes the step grow with the batch size
     sampler = train_sampler(len(data.train_x), ctx, cfg.seed)
-    validation = Validation(data.val_x, data.val_y, ctx, cfg.eval_batch_size, bug=cfg.break_)
+    validation = Validation(data.val_x, data.val_y, ctx, cfg.eval_batch_size, bug=cfg.break_, amp=amp)
     # --break NAME: four mistakes are an `if` beside the line they break, below; the others patch these parts.
     model, ddp_model, optimizer, loss_fn, sampler, validation = breaks.apply(
         cfg.break_, breaks.Parts(model, ddp_model, optimizer, loss_fn, sampler, validation), ctx)
+    ddp_model = compiled(ddp_model) if cfg.compile else ddp_model  # --compile: the training forward only
     step_batch = cfg.batch_size * cfg.grad_accum_steps  # samples per rank per optimizer step
     steps_per_epoch = math.ceil(len(sampler) / step_batch)
     scheduler = build_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.schedule, cfg.warmup_steps)
     params = list(model.parameters())
 
     state, meter = TrainState(), EpochMeter()
-    checkpointer = Checkpointer(cfg, ctx, data.fingerprint, model, optimizer, scheduler, state, meter)
+    checkpointer = Checkpointer(cfg, ctx, data.fingerprint, model, optimizer, scheduler, state, meter, amp.scaler)
     resumed = checkpointer.restore()  # or start fresh; decided by rank 0 before anything is written
     if not resumed:
-        state.initial_loss, _ = evaluate(model, data.train_x, data.train_y, ctx, cfg.eval_batch_size)
+        state.initial_loss, _ = evaluate(model, data.train_x, data.train_y, ctx, cfg.eval_batch_size, amp)
         torch.manual_seed(cfg.seed * 1000 + 1 + ctx.rank)  # dropout: each rank's own stream for its own samples
     faults.install(model, optimizer, state.global_step)  # SPINE_FAULT (tests only); a no-op when unset
     logger = RunLogger(cfg.run_dir(), ctx.is_main, cfg.tensorboard, state.global_step + 1 if resumed else None,
@@ -202,20 +216,21 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             step = state.global_step + 1
             logged = step % cfg.log_every == 0  # this step's scalars go to TensorBoard
             instruments.step_start(step)  # guards: train mode, .grad cleared; sharpness and layer hooks when due
-            loss, preds, labels = forward_backward(ddp_model, loss_fn, data, idx, cfg.batch_size, instruments.backward)
+            loss, preds, labels = forward_backward(ddp_model, loss_fn, data, idx, cfg.batch_size, amp,
+                                                   instruments.backward)
             # The total norm costs ~8% of a small step: measured on logged steps, and on every step to clip.
             need_norm = logged or cfg.grad_clip or instruments.needs_grad_norm
             grad_norm = get_total_norm([p.grad for p in params if p.grad is not None]) if need_norm else None
             instruments.before_update(step, grad_norm, len(idx))
             if cfg.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
-            optimizer.step()  # the update, identical on every rank because the gradients are
+            skipped = amp.step()  # optimizer.step(), identical on every rank (fp16: skipped if a grad is inf/NaN)
             # .grad accumulates by default: without this, every step would also re-apply all earlier gradients.
             if cfg.break_ != "no-zero-grad":
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()  # the lr for the next step
             instruments.after_update(step)
-            meter.record(loss, preds, labels, grad_norm)  # stays on the device: no host sync here
+            meter.record(loss, preds, labels, grad_norm, skipped)  # stays on the device: no host sync here
             state.step_in_epoch, state.global_step = position + 1, step
             if logged:  # the only host syncs inside an epoch
                 if stopped := guard.check_steps(state.global_step):
@@ -229,7 +244,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         epoch_seconds = now() - t_epoch
         broadcast_buffers(model)  # each rank's last step updated BatchNorm's running stats from its own shard
         val_sums = validation.sums(model)
-        validated_in_eval_mode = instruments.validated(model, state.epoch + 1)  # a live guard: eval mode
+        modes = (trained_in_train_mode, instruments.validated(model, state.epoch + 1))  # a live guard: eval mode?
         order_fingerprint = fingerprint(order)  # the epoch's one all-reduce carries it: shards must be disjoint
         # The epoch's one all-reduce: train and val sums, unchecked steps' non-finite flags, rank 0's checkpoint clock
         totals = meter.end_of_epoch(ctx, guard.checked, order_fingerprint, checkpointer.due_by_clock(), extra=val_sums)
@@ -238,8 +253,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         val_loss, val_acc = validation.metrics(val_sums, totals.extra)
         train_seconds, samples_trained = train_seconds + epoch_seconds, samples_trained + len(sampler) * ctx.world_size
         row = summary.epoch_row(state, totals, (val_loss, val_acc), scheduler.get_last_lr()[0], epoch_seconds,
-                                len(sampler) * ctx.world_size, order_fingerprint,
-                                (trained_in_train_mode, validated_in_eval_mode))
+                                len(sampler) * ctx.world_size, order_fingerprint, modes)
         state.end_epoch(row, cfg.target_loss)
         meter.clear()
         stopped = guard.check_validation(val_loss, state.epoch)  # reduced over ranks: every rank stops together
@@ -256,7 +270,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     # Bitwise fingerprints of every rank's weights and buffers: DDP keeps replicas identical, so all are equal.
     replica_checksums = gather_objects(fingerprint(*model.state_dict().values()), ctx)
     broadcast_buffers(model)  # the reference below must match the validation above: rank 0's final weights
-    exact_val = evaluate(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size) if state.epoch else None
+    exact_val = evaluate(model, data.val_x, data.val_y, ctx, cfg.eval_batch_size, amp) if state.epoch else None
     result = summary.build(cfg, ctx, state, data, loop_seconds=loop_seconds, train_seconds=train_seconds,
                            samples_trained=samples_trained, stopped=stopped, exact_val=exact_val,
                            replica_checksums=replica_checksums, instruments=instruments.summary())
@@ -320,6 +334,11 @@ def run(argv: list[str] | None, ctx: DistContext | None = None) -> int:
         return 2
     except TrainingError as e:
         print(f"train.py: error on rank {rank}: {e}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as e:  # --compile: a failure inside the first step is one line, not pages of traceback
+        if (line := failure_line(e)) is None:
+            raise
+        print(f"train.py: error on rank {rank}: {line}", file=sys.stderr, flush=True)
         return 1
 
 

@@ -154,7 +154,7 @@ def _check_headers(path: str, headers: dict[str, ArrayHeader]) -> None:
                           f"{headers['x_val'].shape[1:]}")
 
 
-def _split_sizes(headers: dict[str, ArrayHeader], val_fraction: float) -> tuple[int, int]:
+def split_sizes_from_headers(headers: dict[str, ArrayHeader], val_fraction: float) -> tuple[int, int]:
     if "x" in headers:
         n = headers["x"].shape[0]
         n_val = validation_size(n, val_fraction)
@@ -254,7 +254,7 @@ def load_npz_split(path: str, val_fraction: float, seed: int, world_size: int, r
     the memory are checked from the headers, before any array's data is read.
     """
     headers = read_headers(path)
-    n_train, n_val = _split_sizes(headers, val_fraction)
+    n_train, n_val = split_sizes_from_headers(headers, val_fraction)
     if min(n_train, n_val) < world_size:
         raise _fail(path, f"{n_train} training and {n_val} validation samples for {world_size} rank(s): every rank "
                           "needs at least one of each")

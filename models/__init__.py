@@ -7,33 +7,43 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from models.cnn import CNN
 from models.linear import LinearClassifier
 from models.mlp import MLP
+from spine.errors import UsageError
 
-# Every builder takes the same keyword arguments; a model ignores those it has no use for.
+# Every builder takes the same keyword arguments, `input_shape` (one sample's shape) first; a model ignores those
+# it has no use for. The MLP and the linear model flatten an image; the CNN needs (channels, height, width).
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "linear": LinearClassifier,
+    "cnn": CNN,
 }
 
 
 def build_model(
     name: str,
-    in_dim: int,
+    input_shape: int | tuple[int, ...],
     num_classes: int,
     hidden: tuple[int, ...] = (64, 64),
     activation: str = "relu",
     dropout: float = 0.0,
     batchnorm: bool = False,
 ) -> nn.Module:
-    return MODELS[name](
-        in_dim=in_dim,
-        num_classes=num_classes,
-        hidden=hidden,
-        activation=activation,
-        dropout=dropout,
-        batchnorm=batchnorm,
-    )
+    """The model `name` for samples of `input_shape` (an int: that many features). A model that cannot take this
+    input (a CNN on 2-d points) is a UsageError naming the flag, before anything is written."""
+    shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
+    try:
+        return MODELS[name](
+            input_shape=shape,
+            num_classes=num_classes,
+            hidden=hidden,
+            activation=activation,
+            dropout=dropout,
+            batchnorm=batchnorm,
+        )
+    except ValueError as e:
+        raise UsageError(f"--model {name}: {e}") from None
 
 
 @torch.no_grad()

@@ -246,7 +246,7 @@ def load_for_eval(path: Path) -> tuple[torch.nn.Module, Config, SplitDataset, di
     cfg = Config.from_dict(state["config"])
     data = build_dataset(cfg.dataset, cfg.n_samples, cfg.val_fraction, cfg.noise, cfg.dim, cfg.classes,
                          cfg.data_seed, cfg.order)
-    model = build_model(cfg.model, data.in_dim, data.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.activation, cfg.dropout,
                         cfg.batchnorm)
     model.load_state_dict(state["model"])
     return model.eval(), cfg, data, state

@@ -31,8 +31,9 @@ from spine.state import TrainState
 class Checkpointer:
     def __init__(self, cfg: Config, ctx: DistContext, dataset_fingerprint: str, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: LRSchedule,
-                 state: TrainState, meter: EpochMeter) -> None:
+                 state: TrainState, meter: EpochMeter, scaler: torch.amp.GradScaler | None = None) -> None:
         self.cfg, self.ctx, self.dataset_fingerprint = cfg, ctx, dataset_fingerprint
+        self.scaler = scaler  # fp16's loss scale and its growth counter: part of the state a resume must continue
         self.model, self.optimizer, self.scheduler, self.state, self.meter = model, optimizer, scheduler, state, meter
         self.folder = cfg.checkpoint_dir()
         self.before_save: Callable[[], None] = lambda: None  # e.g. flush the logs, so a resume leaves no gap
@@ -62,6 +63,10 @@ class Checkpointer:
         path = Path(payload)
         saved = self._load_agreed(path, cached[0] if cached else None)
         ckpt.check_compatible(saved, self.cfg.to_dict(), self.dataset_fingerprint, self.ctx.world_size)
+        saved_precision = saved["config"].get("precision", "fp32")  # checkpoints from before --precision: fp32
+        if saved_precision != self.cfg.precision:
+            raise UsageError(f"--resume: checkpoint has --precision {saved_precision}, this run has --precision "
+                             f"{self.cfg.precision}: resume with it, or start a new run")
         self._load_into_run(saved)
         if self.ctx.is_main:  # no writer is alive at start-up: temp files are what a crashed save left behind
             for leftover in ckpt.clean_temp_files(self.folder):
@@ -123,6 +128,8 @@ class Checkpointer:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(saved["scaler"])
         self.state.load_state_dict(saved["progress"])
         if saved["world_size"] == ctx.world_size:  # every rank continues its own partial epoch and RNG stream
             self.meter.load_state_dict(saved["meter"][ctx.rank], ctx.device)
@@ -150,6 +157,7 @@ class Checkpointer:
             blob = {
                 "format": ckpt.FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "progress": state.state_dict(), "meter": meters, "rng": rng,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "config": self.cfg.to_dict(), "world_size": ctx.world_size,
                 "dataset_fingerprint": self.dataset_fingerprint, "torch_version": str(torch.__version__),
             }

@@ -22,13 +22,14 @@ from typing import Any
 
 import tomllib
 
-from data import DATASETS, dataset_shape, split_sizes
+from data import DATASETS, REAL_DATASETS, dataset_layout, dataset_shape, is_dataset_name, npz_path, short_name
 from models import MODELS
 from spine.breaks import BREAKS
 from spine.errors import UsageError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 Check = tuple[Callable[[Any], bool], str]  # (is the value acceptable?, what it must be, for the error message)
 
@@ -55,8 +56,11 @@ def flag(default: Any, group: str, help: str, *, check: Check | None = None,
 @dataclass(frozen=True)
 class Config:
     # data
-    dataset: str = flag("moons", "data", "the dataset", choices=lambda: tuple(DATASETS), hparam=True)
-    n_samples: int = flag(200, "data", "total samples, train + validation",
+    dataset: str = flag("moons", "data", "the dataset: a synthetic one (" + ", ".join(DATASETS) + "), digits "
+                        "(scikit-learn's 8x8 images) or npz:PATH (your arrays x, y or x_train, y_train, x_val, y_val)",
+                        check=(is_dataset_name, "must be one of " + ", ".join((*DATASETS, *REAL_DATASETS))),
+                        hparam=True)
+    n_samples: int = flag(200, "data", "total samples, train + validation (synthetic datasets)",
                           check=(lambda v: v >= 2, "must be at least 2"), hparam=True)
     val_fraction: float = flag(0.2, "data", "share held out for validation, in (0, 1)",
                                check=(lambda v: 0 < v < 1, "must lie in (0, 1)"))
@@ -77,7 +81,10 @@ class Config:
                            hparam=True)
     dropout: float = flag(0.0, "model", "dropout probability after each hidden layer, in [0, 1)",
                           check=(lambda v: 0 <= v < 1, "must lie in [0, 1)"), hparam=True)
-    batchnorm: bool = flag(False, "model", "BatchNorm1d after each hidden linear layer", hparam=True)
+    batchnorm: bool = flag(False, "model", "BatchNorm after each hidden layer (BatchNorm1d in the MLP, BatchNorm2d "
+                           "after each conv of the CNN)", hparam=True)
+    sync_batchnorm: bool = flag(False, "model", "with --batchnorm under DDP, normalise with the statistics of the "
+                                "global batch (torch.nn.SyncBatchNorm; GPU only: torch refuses it on CPU modules)")
     # optimisation
     optimizer: str = flag("adam", "optimisation", "the optimizer", choices=OPTIMIZERS, hparam=True)
     lr: float = flag(0.01, "optimisation", "peak learning rate (> 0)",
@@ -112,6 +119,9 @@ class Config:
                        "cpu)", choices=("auto", "cpu", "cuda"))
     threads: int = flag(0, "system", "CPU threads per rank; 0 = physical cores // ranks on this node",
                         check=(lambda v: v >= 0, "must be >= 0 (0 = automatic)"))
+    precision: str = flag("fp32", "system", "fp32, or bf16 / fp16 through torch.autocast (fp16 with a GradScaler)",
+                          choices=PRECISIONS)
+    compile: bool = flag(False, "system", "torch.compile the model for training (validation stays eager)")
     pg_timeout: float = flag(120.0, "system", "seconds a collective may wait for a lost rank before failing",
                              check=(lambda v: _finite(v) and v > 0, "must be positive"))
     # outputs
@@ -325,7 +335,7 @@ def parse_config(argv: list[str] | None = None, world_size: int | None = None) -
     cfg = _resolve_batch(cfg, world_size)
     validate(cfg, world_size)
     if not cfg.run_name:
-        cfg = dataclasses.replace(cfg, run_name=f"{cfg.dataset}-{cfg.model}-seed{cfg.seed}")
+        cfg = dataclasses.replace(cfg, run_name=f"{short_name(cfg.dataset)}-{cfg.model}-seed{cfg.seed}")
     return cfg
 
 
@@ -374,11 +384,22 @@ def _cross_checks(cfg: Config, world_size: int):
            f"--run-name must be a plain name, not a path: {cfg.run_name!r}")
     yield (dataset_shape(cfg.dataset, cfg.dim, cfg.classes) == (cfg.dim, cfg.classes),
            f"--dim and --classes apply to the rule dataset; {cfg.dataset} is fixed at 2 dimensions and 2 classes")
-    n_train, n_val = split_sizes(cfg.n_samples, cfg.val_fraction)
+    yield (not cfg.sync_batchnorm or cfg.batchnorm, "--sync-batchnorm needs --batchnorm")
+    yield (not cfg.sync_batchnorm or _on_cuda(cfg.device),
+           "--sync-batchnorm needs --device cuda: torch.nn.SyncBatchNorm raises 'SyncBatchNorm layers only work with "
+           "GPU modules' under DDP on CPU, so on CPU each rank normalises with its own batch's statistics")
+    # The data's sizes and sample shape, from the flags (or an npz file's headers: a bad file is refused here).
+    n_train, n_val, shape = dataset_layout(cfg.dataset, cfg.n_samples, cfg.val_fraction, cfg.dim, cfg.classes)
+    yield (npz_path(cfg.dataset) is None or min(n_train, n_val) >= world_size,
+           f"--dataset {cfg.dataset}: {n_train} training and {n_val} validation samples for {world_size} rank(s): "
+           "every rank needs at least one of each")
+    yield (cfg.model != "cnn" or len(shape) == 3,
+           f"--model cnn needs images, samples of shape (channels, height, width); --dataset {cfg.dataset} gives "
+           f"samples of shape {shape}")
     yield (cfg.limit_samples <= n_train,
            f"--limit-samples {cfg.limit_samples} exceeds the {n_train} training samples")
     n_train = cfg.limit_samples or n_train
-    yield n_train >= 1, f"--val-fraction {cfg.val_fraction} leaves no training samples out of {cfg.n_samples}"
+    yield n_train >= 1, f"--val-fraction {cfg.val_fraction} leaves no training samples out of {n_train + n_val}"
     shard = math.ceil(n_train / world_size)
     yield (cfg.batch_size <= shard, f"--batch-size {cfg.batch_size} exceeds a rank's shard of {shard} training "
            f"samples ({n_train} over {world_size} rank(s))")
@@ -401,6 +422,12 @@ def _instrument_checks(cfg: Config, world_size: int):
     yield not (cfg.lr_find and cfg.resume), "--lr-find starts from a fresh model: drop --resume"
     yield (cfg.lr_find_min < cfg.lr_find_max,
            f"--lr-find-min {cfg.lr_find_min} must be below --lr-find-max {cfg.lr_find_max}")
+
+
+def _on_cuda(device: str) -> bool:
+    import torch  # already loaded by the caller's imports; kept local so the flag declarations stay torch-free
+
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 def _batchnorm_rule(cfg: Config, n_train: int, n_val: int, world_size: int) -> tuple[bool, str]:

@@ -199,6 +199,7 @@ def grad_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
     `no_sync()` must cover the forward too, or DDP still prepares the all-reduce.
     Without DDP (world 1) there is nothing to skip.
     """
+    model = getattr(model, "_orig_mod", model)  # --compile: the DDP module inside torch.compile's wrapper
     if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return nullcontext()
     return model.no_sync()

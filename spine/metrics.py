@@ -26,6 +26,7 @@ class EpochTotals:
     extra: list[float]  # `extra` summed over ranks (e.g. validation's loss sum, correct, count)
     step_losses: list[float]  # this rank's, per step
     step_grad_norms: list[float | None]  # this rank's, per step; None where the norm was not measured
+    skipped_steps: int = 0  # steps of the epoch the fp16 GradScaler skipped (gradients inf/NaN): not a divergence
 
 
 class EpochMeter:
@@ -49,10 +50,16 @@ class EpochMeter:
         self.sizes: list[int] = []
         self.grad_norms: list[torch.Tensor] = []
         self.norm_steps: list[int] = []  # the index of the step each grad norm belongs to
+        # Steps the fp16 GradScaler skipped: their gradients were inf or NaN and never reached the weights, so
+        # their grad norms are not a divergence (their losses still are: a non-finite loss is never the scaler's).
+        self.skipped: set[int] = set()
 
     def record(self, loss: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor,
-               grad_norm: torch.Tensor | None) -> None:
-        """One step's values, already detached (a 0-d loss, 1-d predictions and labels, a 0-d norm or None)."""
+               grad_norm: torch.Tensor | None, skipped: bool = False) -> None:
+        """One step's values, already detached (a 0-d loss, 1-d predictions and labels, a 0-d norm or None), and
+        whether the GradScaler skipped the step."""
+        if skipped:
+            self.skipped.add(len(self.losses))
         if grad_norm is not None:
             self.grad_norms.append(grad_norm)
             self.norm_steps.append(len(self.losses))
@@ -75,7 +82,7 @@ class EpochMeter:
     def any_bad(self, since: int) -> torch.Tensor:
         """Whether a loss or measured grad norm from step index `since` on is not finite: a 0-d tensor on the
         device, the cheap check of the healthy path (first_bad_step says which step, when one is)."""
-        values = self.losses[since:] + [v for i, v in zip(self.norm_steps, self.grad_norms, strict=True) if i >= since]
+        values = self.losses[since:] + [v for i, v in self._checked_norms() if i >= since]
         if not values:
             return torch.zeros((), dtype=torch.bool)
         return ~torch.isfinite(torch.stack(values)).all()
@@ -91,7 +98,7 @@ class EpochMeter:
         device, never = self.losses[0].device, float(n)
         index = torch.arange(since, n, dtype=torch.float64, device=device)
         first_loss = torch.where(torch.isfinite(torch.stack(self.losses[since:])), never, index).min()
-        norms = [(i, v) for i, v in zip(self.norm_steps, self.grad_norms, strict=True) if i >= since]
+        norms = [(i, v) for i, v in self._checked_norms() if i >= since]
         first_norm = first_loss
         if norms:
             at = torch.tensor([i for i, _ in norms], dtype=torch.float64, device=device)
@@ -118,7 +125,8 @@ class EpochMeter:
         losses, norms = host[:n], host[n:n + len(self.grad_norms)]
         correct_total = (host[n + len(norms)] if correct is not None else 0.0) + sum(
             c.item() for c in self.restored_correct)
-        checked = losses[since:] + [v for i, v in zip(self.norm_steps, norms, strict=True) if i >= since]
+        checked = losses[since:] + [v for i, v in zip(self.norm_steps, norms, strict=True)
+                                    if i >= since and i not in self.skipped]
         bad = float(not all(math.isfinite(v) for v in checked))
         per_rank = [0.0] * (3 * world)
         shard = float(int(shard_fingerprint[:13], 16))
@@ -132,7 +140,11 @@ class EpochMeter:
             step_norms[i] = v
         return EpochTotals(values[0] / values[2], values[1] / values[2], values[3:3 + world],
                            values[3 + world:3 + 2 * world], values[3 + 2 * world] > 0, values[3 + 3 * world:],
-                           losses, step_norms)
+                           losses, step_norms, len(self.skipped))
+
+    def _checked_norms(self) -> list[tuple[int, torch.Tensor]]:
+        """(step index, grad norm) of the measured steps the scaler did not skip: the ones a divergence shows in."""
+        return [(i, v) for i, v in zip(self.norm_steps, self.grad_norms, strict=True) if i not in self.skipped]
 
     def series(self, start: int = 0) -> tuple[list[float], list[float | None]]:
         """Per-step losses and grad norms from `start` as Python floats (one transfer); None where a step did not
@@ -152,7 +164,7 @@ class EpochMeter:
         return {"losses": torch.stack(self.losses).cpu() if self.losses else empty,
                 "correct": self.correct_per_step().cpu(),
                 "grad_norms": torch.stack(self.grad_norms).cpu() if self.grad_norms else empty,
-                "norm_steps": list(self.norm_steps), "sizes": list(self.sizes)}
+                "norm_steps": list(self.norm_steps), "sizes": list(self.sizes), "skipped": sorted(self.skipped)}
 
     @staticmethod
     def merge(states: list[dict]) -> dict:
@@ -166,7 +178,7 @@ class EpochMeter:
         return {"losses": ((losses * sizes).sum(0) / sizes.sum(0)).float(),
                 "correct": torch.stack([s["correct"] for s in states]).sum(0),
                 "grad_norms": states[0]["grad_norms"], "norm_steps": states[0]["norm_steps"],
-                "sizes": [int(n) for n in sizes.sum(0).tolist()]}
+                "sizes": [int(n) for n in sizes.sum(0).tolist()], "skipped": states[0].get("skipped", [])}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.clear()
@@ -175,3 +187,4 @@ class EpochMeter:
         self.grad_norms = list(state["grad_norms"].to(device).unbind())
         self.norm_steps = list(state["norm_steps"])
         self.sizes = list(state["sizes"])
+        self.skipped = set(state.get("skipped", []))  # checkpoints from before mixed precision have none

@@ -25,9 +25,14 @@ def header(cfg: Config, ctx: DistContext, data: SplitDataset, model: torch.nn.Mo
         ("world", f"{ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}, "
                   f"{ctx.threads} thread(s) per rank"),
         ("batch", f"{cfg.batch_size} per rank{accumulated}, {global_batch} global, {steps_per_epoch} steps per epoch"),
-        ("data", f"{cfg.dataset}: {len(data.train_x)} train / {len(data.val_x)} val, {data.in_dim}-d, "
+        ("data", f"{cfg.dataset}: {len(data.train_x)} train / {len(data.val_x)} val, "
+                 f"{'x'.join(map(str, data.input_shape))}{'-d' if len(data.input_shape) == 1 else ''}, "
                  f"{data.num_classes} classes, fingerprint {data.fingerprint}"),
-        ("model", f"{cfg.model} {list(cfg.hidden)}, {sum(p.numel() for p in model.parameters()):,} parameters"),
+        ("model", f"{cfg.model} {list(cfg.hidden)}, {sum(p.numel() for p in model.parameters()):,} parameters"
+                  f"{', batchnorm' if cfg.batchnorm else ''}{', sync-batchnorm' if cfg.sync_batchnorm else ''}"),
+        ("precision", f"{cfg.precision}" + {"fp32": "", "bf16": " (torch.autocast)",
+                                             "fp16": " (torch.autocast, GradScaler)"}[cfg.precision]
+                      + (", torch.compile (training forward; validation eager)" if cfg.compile else ", eager")),
         ("optimizer", f"{cfg.optimizer} lr {cfg.lr:g}, schedule {cfg.schedule}, warmup {cfg.warmup_steps}, "
                       f"grad clip {cfg.grad_clip or 'off'}"),
         ("initial loss", f"{state.initial_loss:.4f}  (ln K = {math.log(data.num_classes):.4f} for "
@@ -46,7 +51,7 @@ def epoch_row(state: TrainState, totals: EpochTotals, val: tuple[float, float], 
             "grad_norm": sum(measured) / len(measured) if measured else None,
             "samples_per_sec": samples / epoch_seconds, "epoch_seconds": epoch_seconds,
             "order_fingerprint": order_fingerprint, "step_losses": step_losses, "step_grad_norms": step_grad_norms,
-            "shard_fingerprints": totals.shard_fingerprints,
+            "shard_fingerprints": totals.shard_fingerprints, "scaler_skipped_steps": totals.skipped_steps,
             "trained_in_train_mode": modes[0], "validated_in_eval_mode": modes[1]}
 
 
@@ -56,6 +61,7 @@ def build(cfg: Config, ctx: DistContext, state: TrainState, data: SplitDataset, 
     summary = {
         "config": cfg.to_dict(), "world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
         "threads_per_rank": ctx.threads,
+        "precision": cfg.precision, "compile": cfg.compile,
         "final": state.final,
         "best": state.best,
         **state.milestones,
@@ -81,7 +87,10 @@ def finish(summary: dict, cfg: Config, ctx: DistContext, logger: RunLogger) -> N
     """Symptoms from the files just written, the HParams record, summary.json, and the closing console lines."""
     if ctx.is_main:
         logger.flush()
-        summary["symptoms"] = detect_symptoms(summary, read_run(cfg.run_dir())[1])
+        rows = read_run(cfg.run_dir())[1]
+        summary["symptoms"] = detect_symptoms(summary, rows)
+        # fp16: steps the GradScaler skipped (inf/NaN gradients, never applied), over every attempt of the run.
+        summary["scaler_skipped_steps"] = sum(row.get("scaler_skipped_steps", 0) for row in rows)
     # The HParams dashboard: configuration (plus the world size) against outcomes, diverged runs included.
     outcomes = dict(summary["final"] or dict.fromkeys(("train_loss", "train_acc", "val_loss", "val_acc")),
                     diverged=float(summary["diverged"]), epochs_to_target_loss=summary["epochs_to_target_loss"],

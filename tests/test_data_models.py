@@ -39,8 +39,9 @@ def test_global_rng_does_not_leak_into_the_data():
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_models_map_inputs_to_logits(name):
-    model = build_model(name, 5, 3, hidden=(8, 8))
-    assert model(torch.randn(4, 5)).shape == (4, 3)
+    shape = (1, 8, 8) if name == "cnn" else (5,)  # the CNN takes images; the others flatten what they are given
+    model = build_model(name, shape, 3, hidden=(8, 8))
+    assert model(torch.randn(4, *shape)).shape == (4, 3)
 
 
 def test_dropout_and_batchnorm_make_train_and_eval_differ():
