@@ -122,3 +122,9 @@ def test_report_files_are_consistent() -> None:
     assert len(world["layouts"]) == 2 and all(len(d["seeds"]) >= 3 for d in world["layouts"].values())
     eos = json.loads((REPORTS / "eos.json").read_text())
     assert len(eos["lrs"]) >= 2 and all(len(d["seeds"]) >= 5 for d in eos["lrs"].values())
+
+
+def test_doc_prose_stays_within_1500_words() -> None:
+    text = re.sub(r"<!-- generated: .*?<!-- end generated -->", "", DOC.read_text(), flags=re.S)
+    text = re.sub(r"!\[.*?\]\(.*?\)", "", re.sub(r"```.*?```", "", text, flags=re.S))
+    assert len(text.split()) <= 1500
