@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help overfit overfit-checkpoint overfit-seeds overfit-study overfitting digits stability scale-study break faults scale bench report test test-slow lint tensorboard tensorboard-shots
+.PHONY: help overfit overfit-checkpoint overfit-seeds overfit-study overfitting digits stability scale-study optimizer break faults scale bench report test test-slow lint tensorboard tensorboard-shots
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ faults: $(STAMP) ## inject every fault for real (kill, hang, torn write, NaN, ..
 SCALE ?= default
 scale: $(STAMP) ## data size, batch (lr fixed/scaled), world size, accumulation x 3 seeds: CSV, table, PNGs (reports/scale); SCALE=large
 	$(PY) -m launch.scale --out reports/scale --size $(SCALE)
+
+optimizer: $(STAMP) ## the papers' checks: edge of stability, noise scale vs critical batch, update ratios, LR test (reports/optimizer)
+	$(PY) -m launch.inside_optimizer --out reports/optimizer
 
 report: $(STAMP) ## rerun what the write-ups cite but is missing (FORCE=1: all of it), refill their tables
 	$(PY) -m launch.report $(if $(FORCE),--force)

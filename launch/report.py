@@ -26,7 +26,8 @@ from launch.render_docs import render
 
 REPO = Path(__file__).resolve().parents[1]
 
-DOCUMENTS = ("experiments.md", "postmortem.md", "docs/performance.md", "docs/distributed.md")
+DOCUMENTS = ("experiments.md", "postmortem.md", "docs/performance.md", "docs/distributed.md",
+             "docs/inside-the-optimizer.md")
 # A link from docs/ reaches reports/ through "../".
 CITATION = re.compile(r"<!-- generated: (reports/[^ ]+) -->|\]\((?:\.\./)?(reports/[^)#\s]+)\)")
 
@@ -53,6 +54,9 @@ PRODUCERS = (
     Producer("overfitting", "overfitting", "reports/overfitting", ("reports/overfitting/",)),
     Producer("scale", "scale", "reports/scale", ("reports/scale/",)),
     Producer("bench", "bench", "reports/bench", ("reports/bench/",)),
+    Producer("digits", "digits", "reports/digits", ("reports/digits/digits.md",)),
+    Producer("compile", "compile_probe", "reports/digits", ("reports/digits/compile.md",)),
+    Producer("optimizer", "inside_optimizer", "reports/optimizer", ("reports/optimizer/",)),
 )
 
 

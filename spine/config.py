@@ -415,6 +415,9 @@ def _instrument_checks(cfg: Config, world_size: int):
     yield (not cfg.noise_scale or world_size > 1 or cfg.grad_accum_steps >= 2,
            "--noise-scale needs two batch sizes: at world size 1 give --grad-accum-steps 2 or more (one micro-batch "
            "is the small batch, the step the big one), or launch several ranks with torchrun")
+    yield (not cfg.noise_scale or cfg.precision != "fp16",
+           "--noise-scale with --precision fp16: its hooks see the gradients before the GradScaler divides its scale "
+           "back out; use --precision bf16 or fp32")
     yield (not cfg.noise_scale or cfg.break_ != "no-grad-sync",
            "--noise-scale measures through DDP's communication hook, which --break no-grad-sync replaces")
     yield (cfg.tensorboard or not (cfg.layer_stats or cfg.histograms_every),

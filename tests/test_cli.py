@@ -41,6 +41,8 @@ BAD_INPUTS = [
     (["--histograms-every", "0"], "--histograms-every"),
     (["--sharpness-samples", "0"], "--sharpness-samples"),
     (["--noise-scale"], "--noise-scale needs two batch sizes"),  # world 1 without accumulation
+    (["--noise-scale", "--grad-accum-steps", "2", "--batch-size", "16", "--precision", "fp16"],
+     "--noise-scale with --precision fp16"),
     (["--layer-stats", "--no-tensorboard"], "--layer-stats"),
     (["--lr-find", "--resume", "auto"], "--lr-find"),
     (["--lr-find", "--lr-find-min", "1", "--lr-find-max", "0.1"], "--lr-find-min"),

@@ -481,7 +481,7 @@ def test_a_step_the_fp16_scaler_skips_is_not_a_divergence_but_a_non_finite_loss_
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # nothing applied
     meter.record(loss.detach(), torch.zeros(8, dtype=torch.long), y, norm, skipped)
     assert guard.check_steps(1) is None and guard.check_before_save(1) is None  # a skip, not a divergence
-    totals = meter.end_of_epoch(_one_step_ctx(), 0, 0, False)
+    totals = meter.end_of_epoch(_one_step_ctx(), 0, "0" * 16, False)
     assert totals.bad == [0.0] and totals.skipped_steps == 1
     # The same non-finite gradient on a step that was NOT skipped is a divergence, and so is a non-finite loss.
     meter.record(loss.detach(), torch.zeros(8, dtype=torch.long), y, norm, False)
