@@ -51,8 +51,23 @@ def _rank_entry(rank: int, world: int, port: int, fn, args, queue) -> None:
         queue.put((rank, "error", f"{type(e).__name__}: {e}"))
 
 
-def spawn_ranks(fn, world: int, *args, timeout: float = 60) -> list:
-    """Run fn(rank, world, *args) in `world` fresh processes with torchrun-style env; return results by rank."""
+class _PortTaken(Exception):
+    """free_port's port was taken before rank 0 bound it (another xdist worker's job got there first)."""
+
+
+def spawn_ranks(fn, world: int, *args, timeout: float = 60, attempts: int = 3) -> list:
+    """Run fn(rank, world, *args) in `world` fresh processes with torchrun-style env; return results by rank.
+    A free port is only free until someone binds it: a store that lost that race is retried on a new port."""
+    for attempt in range(attempts):
+        try:
+            return _spawn_once(fn, world, args, timeout)
+        except _PortTaken:
+            if attempt == attempts - 1:
+                raise AssertionError(f"no free port after {attempts} attempts") from None
+    raise AssertionError("unreachable")
+
+
+def _spawn_once(fn, world: int, args: tuple, timeout: float) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -64,6 +79,8 @@ def spawn_ranks(fn, world: int, *args, timeout: float = 60) -> list:
         for _ in range(world):
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
+                if "EADDRINUSE" in value:
+                    raise _PortTaken(value)
                 raise AssertionError(f"rank {rank} failed: {value}")
             results[rank] = value
     finally:

@@ -148,3 +148,32 @@ def test_epoch_indices_are_the_samplers_own_order(n, world, shuffle, drop_last):
         for epoch in range(3):
             sampler.set_epoch(epoch)
             assert epoch_indices(sampler, torch.device("cpu")).tolist() == list(sampler)
+
+
+def _world_of_the_group(rank: int, world: int) -> int:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=30))
+    try:
+        return dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_spawned_ranks_retry_when_their_port_is_taken(monkeypatch):
+    """free_port's port is free only until someone binds it; two xdist workers race for ports. A group whose
+    store lost the race starts again on a new port instead of failing the test."""
+    import socket
+
+    from tests import helpers
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real = helpers.free_port
+    monkeypatch.setattr(helpers, "free_port", lambda: next(ports, None) or real())
+    try:
+        assert spawn_ranks(_world_of_the_group, 2, timeout=60) == [2, 2]
+    finally:
+        taken.close()
