@@ -76,6 +76,8 @@ class RunLogger:
 
             # purge_step hides events at or after the resume point left by an
             # earlier attempt, so a resumed run shows no duplicated steps.
+            if purge_step is not None:
+                _after_newest_event_file(run_dir)
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
             self.writer.add_custom_scalars({
                 "train vs val": {
@@ -303,6 +305,18 @@ def hparams_summaries(config: dict, failed: bool) -> list:
     ]
     return [Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))])
             for tag, data in records]
+
+
+def _after_newest_event_file(run_dir: Path) -> None:
+    """Wait, if need be, for the clock to pass the second the run's newest event file was created in.
+
+    TensorBoard reads a run's event files in name order, and a name is the creation second, then host, pid and a
+    per-process counter. The purge a resumed writer records applies only to files read before it, so its file
+    must sort after them: in the same second and process a counter going from 9 to 10 sorts first (seen in CI)."""
+    seconds = [int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*")
+               if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    while seconds and time.time() < max(seconds) + 1:
+        time.sleep(0.02)
 
 
 def now() -> float:
