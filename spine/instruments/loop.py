@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,15 @@ from spine.instruments.layer_stats import LayerStats
 from spine.instruments.noise_scale import DDPGradNoise, MicroBatchGradNoise, NoiseScaleEstimator
 from spine.instruments.sharpness import top_hessian_eigenvalue
 
+if TYPE_CHECKING:  # annotations only: the loop's own types, no import at run time
+    from data import SplitDataset
+    from spine.config import Config
+    from spine.logger import RunLogger
+
 
 class Instruments:
-    def __init__(self, cfg, ctx: DistContext, model: nn.Module, ddp_model: nn.Module,
-                 optimizer: torch.optim.Optimizer, data, logger, steps_per_epoch: int) -> None:
+    def __init__(self, cfg: Config, ctx: DistContext, model: nn.Module, ddp_model: nn.Module,
+                 optimizer: torch.optim.Optimizer, data: SplitDataset, logger: RunLogger, steps_per_epoch: int) -> None:
         self.ctx, self.model, self.optimizer, self.logger = ctx, model, optimizer, logger
         self.log_every, self.steps_per_epoch = cfg.log_every, steps_per_epoch
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -66,7 +72,7 @@ class Instruments:
         """The noise scale needs the all-reduced gradient's norm at every step it measures: all of them."""
         return self.noise is not None
 
-    def epoch_start(self, sampler, epoch: int) -> None:
+    def epoch_start(self, sampler: object, epoch: int) -> None:
         self.guards.sampler_epoch(sampler, epoch)
 
     def step_start(self, step: int) -> None:
