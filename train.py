@@ -199,7 +199,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     logger.header(summary.header(cfg, ctx, data, model, steps_per_epoch, state))
     checkpointer.before_save = logger.flush  # the logs up to a checkpoint reach the disk before it
     guard = NonFiniteGuard(ctx, params, meter)
-    instruments = Instruments(cfg, ctx, model, ddp_model, optimizer, data, logger, steps_per_epoch)  # spine/instruments
+    instruments = Instruments(cfg, ctx, model, optimizer, data, logger, steps_per_epoch)  # spine/instruments
     t_start, samples_trained, train_seconds, stopped = now(), 0, 0.0, None
 
     while state.epoch < cfg.epochs and not stopped:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import sys
@@ -34,6 +35,8 @@ from launch.bench_loops import bare_loop, build_problem
 from spine import checkpoint as ckpt
 from spine.config import parse_config
 from spine.distributed import DistContext, barrier, distributed_session
+from spine.instruments.loop import Instruments
+from spine.instruments.noise_scale import DDPGradNoise
 from spine.logger import read_run
 
 # The logging row's baseline: TensorBoard, per-step scalars and console lines off.
@@ -66,45 +69,73 @@ CASES = {
 THREAD_CASES = {"default": 60, "medium": 2}  # case -> epochs of each timed run in make bench's thread study
 
 
-class CheckpointClock:
-    """Seconds spent inside spine.checkpoint.save_checkpoint (rank 0's writes), without editing it."""
+class FunctionClock:
+    """Seconds spent inside some functions of the code under test, without editing it: while the clock is
+    entered, each (owner, attribute) is replaced by a timed wrapper. Looked up at call time (a module's
+    function, a class's method), the wrapper is what the loop calls."""
 
-    def __enter__(self) -> CheckpointClock:
-        self.seconds, self.saves = 0.0, 0
-        self._save = ckpt.save_checkpoint
-        ckpt.save_checkpoint = self._timed
+    def __init__(self, *targets: tuple[object, str]) -> None:
+        self.targets, self.originals = targets, []
+        self.reset()
+
+    def __enter__(self) -> FunctionClock:
+        self.originals = [getattr(owner, name) for owner, name in self.targets]
+        for (owner, name), fn in zip(self.targets, self.originals, strict=True):
+            setattr(owner, name, self._timed(fn))
         return self
 
     def __exit__(self, *exc) -> None:
-        ckpt.save_checkpoint = self._save
+        for (owner, name), fn in zip(self.targets, self.originals, strict=True):
+            setattr(owner, name, fn)
 
-    def _timed(self, *args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return self._save(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t
-            self.saves += 1
+    def _timed(self, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - t
+                self.seconds += seconds
+                self.calls += 1
+                self.by_function[fn.__qualname__] = self.by_function.get(fn.__qualname__, 0.0) + seconds
+        return timed
 
     def reset(self) -> None:
-        self.seconds, self.saves = 0.0, 0
+        self.seconds, self.calls, self.by_function = 0.0, 0, {}
 
 
-def run_train_py(args: list[str], ctx: DistContext, scratch: Path, name: str, clock: CheckpointClock) -> dict:
+def checkpoint_clock() -> FunctionClock:
+    """Rank 0's checkpoint writes."""
+    return FunctionClock((ckpt, "save_checkpoint"))
+
+
+def noise_scale_clock() -> FunctionClock:
+    """--noise-scale's own code at world 2: hooks registered and removed on a measured step, each hook call (a
+    dot product), step_done, and after_update (the flush's all-reduce and the noise/* scalars; the other
+    instruments that would share it are off in the bench)."""
+    return FunctionClock((DDPGradNoise, "_register_hooks"), (DDPGradNoise, "_remove_hooks"),
+                         (DDPGradNoise, "_see"), (DDPGradNoise, "step_done"), (Instruments, "after_update"))
+
+
+def run_train_py(args: list[str], ctx: DistContext, scratch: Path, name: str,
+                 clocks: dict[str, FunctionClock]) -> dict:
     argv = args + ["--runs-dir", str(scratch / "runs"), "--checkpoints-dir", str(scratch / "ckpt"),
                    "--run-name", name, "--overwrite", "--threads", str(ctx.threads)]
-    clock.reset()
+    for clock in clocks.values():
+        clock.reset()
     with open(scratch / f"{name}.log", "w") as log, contextlib.redirect_stdout(log):
         code = train.run(argv, ctx)
     if code != 0:
         raise SystemExit(f"bench: train.py {' '.join(argv)} exited {code}; see {scratch / f'{name}.log'}")
     if not ctx.is_main:  # only rank 0 writes the run's files, and only rank 0 records the row
-        return {"seconds": 0.0, "steps": 0, "checkpoint_seconds": 0.0, "checkpoints": 0}
+        return {"seconds": 0.0, "steps": 0, "checkpoint_seconds": 0.0, "checkpoints": 0, "noise_seconds": 0.0}
     summary, epochs = read_run(scratch / "runs" / name)
     return {"seconds": sum(e["epoch_wall_seconds"] for e in epochs[1:]), "epochs": len(epochs) - 1,
             "steps": sum(e["step"] for e in epochs[-1:]) - epochs[0]["step"], "loop_seconds": summary["loop_seconds"],
             "first_loss": summary["first_step_loss"], "last_loss": summary["final"]["val_loss"],
-            "checkpoint_seconds": clock.seconds, "checkpoints": clock.saves}
+            "checkpoint_seconds": clocks["checkpoint"].seconds, "checkpoints": clocks["checkpoint"].calls,
+            "noise_seconds": clocks["noise"].seconds, "noise_parts": dict(clocks["noise"].by_function)}
 
 
 def run_bare(args: list[str], ctx: DistContext) -> dict:
@@ -121,10 +152,10 @@ def run_bare(args: list[str], ctx: DistContext) -> dict:
             "steps": (cfg.epochs - 1) * -(-shard // cfg.batch_size), "first_loss": first, "last_loss": last}
 
 
-def run_kind(kind: str, args: list[str], ctx: DistContext, scratch: Path, clock: CheckpointClock) -> dict:
+def run_kind(kind: str, args: list[str], ctx: DistContext, scratch: Path, clocks: dict[str, FunctionClock]) -> dict:
     if kind == "bare":
         return run_bare(args, ctx)
-    return run_train_py(args + KIND_FLAGS[kind], ctx, scratch, kind.replace(" ", "-"), clock)
+    return run_train_py(args + KIND_FLAGS[kind], ctx, scratch, kind.replace(" ", "-"), clocks)
 
 
 def main() -> int:
@@ -139,19 +170,20 @@ def main() -> int:
     case = CASES[opts.case]
     kinds = opts.kinds.split(",") if opts.kinds else list(case.kinds)
     epochs = opts.epochs or case.epochs
-    with (distributed_session(opts.device, 1, 120.0) as ctx, CheckpointClock() as clock,
+    clocks = {"checkpoint": checkpoint_clock(), "noise": noise_scale_clock()}
+    with (distributed_session(opts.device, 1, 120.0) as ctx, clocks["checkpoint"], clocks["noise"],
           tempfile.TemporaryDirectory(prefix="bench-") as tmp):
         scratch = Path(tmp) / f"rank{ctx.rank}"
         scratch.mkdir()
         base = [*case.flags, "--device", opts.device]
         for kind in kinds:  # warm-up, untimed: lazy imports, allocator, first optimizer step
-            run_kind(kind, base + ["--epochs", "2"], ctx, scratch, clock)
+            run_kind(kind, base + ["--epochs", "2"], ctx, scratch, clocks)
         for repeat in range(opts.repeats):
             shift = repeat % len(kinds)
             for kind in kinds[shift:] + kinds[:shift]:
                 gc.collect()  # the garbage of earlier runs in this process must not land in this one's time
                 barrier()
-                timed = run_kind(kind, base + ["--epochs", str(epochs)], ctx, scratch, clock)
+                timed = run_kind(kind, base + ["--epochs", str(epochs)], ctx, scratch, clocks)
                 if ctx.is_main:
                     row = dict(timed, case=opts.case, world=ctx.world_size, kind=kind, repeat=repeat,
                                device=opts.device)

@@ -160,7 +160,10 @@ class Config:
                                   "sharpness is measured on", check=POSITIVE)
     noise_scale: bool = flag(False, "instruments", "the gradient noise scale B_simple (McCandlish et al. 2018), "
                              "from the per-rank and all-reduced gradients, or at world size 1 from the micro-batches "
-                             "of --grad-accum-steps; computes the grad norm every step")
+                             "of --grad-accum-steps; measured on one step in --noise-scale-every")
+    noise_scale_every: int | None = flag(None, "instruments", "with --noise-scale: measure one step in N (default: "
+                                         "--log-every, whose steps compute the grad norm anyway; 1 = every step: "
+                                         "a smoother estimate for more time)", check=AT_LEAST_ONE)
     lr_find: bool = flag(False, "instruments", "instead of training: an LR range test (Smith 2017) from a fresh "
                          "model; writes <runs-dir>/<run>/lr_find.png and prints a suggested lr; no checkpoint")
     lr_find_steps: int = flag(200, "instruments", "steps of the LR range test",
@@ -415,11 +418,13 @@ def _instrument_checks(cfg: Config, world_size: int):
     yield (not cfg.noise_scale or world_size > 1 or cfg.grad_accum_steps >= 2,
            "--noise-scale needs two batch sizes: at world size 1 give --grad-accum-steps 2 or more (one micro-batch "
            "is the small batch, the step the big one), or launch several ranks with torchrun")
+    yield (cfg.noise_scale or cfg.noise_scale_every is None, "--noise-scale-every needs --noise-scale")
     yield (not cfg.noise_scale or cfg.precision != "fp16",
            "--noise-scale with --precision fp16: its hooks see the gradients before the GradScaler divides its scale "
            "back out; use --precision bf16 or fp32")
     yield (not cfg.noise_scale or cfg.break_ != "no-grad-sync",
-           "--noise-scale measures through DDP's communication hook, which --break no-grad-sync replaces")
+           "--noise-scale with --break no-grad-sync: the gradients are never all-reduced, so there is no second "
+           "batch size")
     yield (cfg.tensorboard or not (cfg.layer_stats or cfg.histograms_every),
            "--layer-stats and --histograms-every write to TensorBoard: drop --no-tensorboard")
     yield not (cfg.lr_find and cfg.resume), "--lr-find starts from a fresh model: drop --resume"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from launch.bench_table import build_table
-from launch.bench_worker import CASES, CheckpointClock, run_kind
+from launch.bench_worker import CASES, checkpoint_clock, noise_scale_clock, run_kind
 from spine.distributed import distributed_session
 
 TINY = ["--hidden", "16", "--epochs", "3"]
@@ -16,14 +16,21 @@ TINY = ["--hidden", "16", "--epochs", "3"]
 
 def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
     rows = []
-    with distributed_session("cpu", 1, 60.0) as ctx, CheckpointClock() as clock:
-        for kind in ("bare", "train.py", "train.py quiet"):
-            r = run_kind(kind, TINY, ctx, tmp_path, clock)
+    clocks = {"checkpoint": checkpoint_clock(), "noise": noise_scale_clock()}
+    # At world 1 the noise scale needs two micro-batches: 8 x 2 keeps 5 steps per epoch.
+    flags = {"train.py noise-scale": ["--batch-size", "16", "--grad-accum-steps", "2"]}
+    with distributed_session("cpu", 1, 60.0) as ctx, clocks["checkpoint"], clocks["noise"]:
+        for kind in ("bare", "train.py", "train.py quiet", "train.py noise-scale"):
+            r = run_kind(kind, TINY + flags.get(kind, []), ctx, tmp_path, clocks)
             assert r["seconds"] > 0 and r["steps"] == 10 and r["epochs"] == 2, (kind, r)  # 5 steps/epoch, 1st untimed
             assert r["last_loss"] < r["first_loss"], f"{kind} did not train: {r}"
             rows += [dict(r, case=case, world=CASES[case].world, kind=kind, repeat=0) for case in CASES]
         assert torch.get_num_threads() == 1
     assert all(r["checkpoints"] == 1 and r["checkpoint_seconds"] > 0 for r in rows if r["kind"] == "train.py")
+    noise_runs = [r for r in rows if r["kind"] == "train.py noise-scale"]
+    assert all(r["noise_seconds"] > 0 and "Instruments.after_update" in r["noise_parts"] for r in noise_runs)
+    plain = next(r for r in rows if r["kind"] == "train.py")
+    assert plain["noise_parts"] == {"Instruments.after_update": plain["noise_parts"]["Instruments.after_update"]}
     rows += [{"case": c, "kind": f"threads {k}", "load": load, "repeat": 0, "threads": t, "cores": 2, "seconds": s}
              for c in ("default", "medium") for load in ("idle", "loaded")
              for k, t, s in (("1", 1, 2.0), ("all", 2, 1.0), ("default", 2, 1.25))]
@@ -34,7 +41,8 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
     assert all(line.count("|") == table[0].count("|") for line in table), "ragged table"
     text = "\n".join(table)
     for name in ("**train.py / bare loop with validation**", "ms per epoch", "TensorBoard + per-step scalars",
-                 "checkpoints at the default cadence", "threads: default (2 of 2 cores)", "end to end"):
+                 "checkpoints at the default cadence", "threads: default (2 of 2 cores)", "end to end",
+                 "--noise-scale at its default cadence", "--noise-scale, whole-run difference"):
         assert name in text, name
     assert table[2].startswith("| **train.py / bare loop with validation**")  # the first rows: the like-for-like ratios
     assert "n/a" not in text and "not measured" not in text

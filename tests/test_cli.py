@@ -43,6 +43,9 @@ BAD_INPUTS = [
     (["--noise-scale"], "--noise-scale needs two batch sizes"),  # world 1 without accumulation
     (["--noise-scale", "--grad-accum-steps", "2", "--batch-size", "16", "--precision", "fp16"],
      "--noise-scale with --precision fp16"),
+    (["--noise-scale-every", "5"], "--noise-scale-every needs --noise-scale"),
+    (["--noise-scale", "--grad-accum-steps", "2", "--batch-size", "16", "--noise-scale-every", "0"],
+     "--noise-scale-every"),
     (["--layer-stats", "--no-tensorboard"], "--layer-stats"),
     (["--lr-find", "--resume", "auto"], "--lr-find"),
     (["--lr-find", "--lr-find-min", "1", "--lr-find-max", "0.1"], "--lr-find-min"),

@@ -23,6 +23,7 @@ from spine.instruments.layer_stats import LayerStats
 from spine.instruments.lr_find import LRRangeTest, plot_lr_range
 from spine.instruments.noise_scale import (
     DDPGradNoise,
+    DeferredFlush,
     MicroBatchGradNoise,
     NoiseScaleEstimator,
     two_batch_estimates,
@@ -298,18 +299,17 @@ def test_accumulation_source_is_exact_on_one_step_and_changes_no_gradient(noise_
     assert math.isclose(trace, sum(e[1] for e in expected) / 4, rel_tol=1e-5)
     assert noise.collect() is None  # collect empties it
 
-    # every=2 measures one step in two: the first step alone, the same numbers.
-    sparse = MicroBatchGradNoise(model.parameters(), every=2)
+    # measure = False leaves a step out: the first step alone, the same numbers.
+    sparse = MicroBatchGradNoise(model.parameters())
     accumulation_step(model, x, y, idx, 32, sparse)
+    sparse.measure = False
     accumulation_step(model, x, y, idx + 100, 32, sparse)
     assert sparse.collect() == pytest.approx((g2, trace), rel=1e-6)
-    sparse.remove()
 
     # Backwards outside micro_batch() (here: the sharpness instrument's double backward) are not measured.
     top_hessian_eigenvalue(model, nn.CrossEntropyLoss(), x[:64], y[:64], iters=3)
     assert noise.collect() is None
-    noise.remove()
-    assert all(not p._backward_hooks for p in model.parameters())
+    assert all(not p._backward_hooks for p in model.parameters())  # the hooks live only inside micro_batch()
 
 
 def test_accumulation_source_noise_scale_matches_per_example_gradients(noise_problem):
@@ -407,7 +407,7 @@ def test_layer_stats_dead_fraction_on_hand_built_units():
 
 def test_layer_stats_combine_micro_batches_exactly():
     model = relu_net()
-    x = torch.randn(12, 4)
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(5))
     stats = LayerStats(model)
     stats.begin_step()
     model(x[:5])
@@ -417,8 +417,10 @@ def test_layer_stats_combine_micro_batches_exactly():
     model(x)
     whole = stats.end_step()
     assert split.keys() == whole.keys()
+    # float32 tolerance: a forward of 5 rows and one of 12 may take different BLAS kernels and round differently
+    # (seen at 5e-9 relative). Pooling the halves wrongly (a mean of the two means) is off by ~1e-1.
     for tag in whole:
-        assert math.isclose(split[tag], whole[tag], rel_tol=1e-9, abs_tol=1e-12), tag
+        assert math.isclose(split[tag], whole[tag], rel_tol=1e-6, abs_tol=1e-9), tag
 
 
 # ---------------------------------------------------------------------------------------------- lr range test
@@ -599,34 +601,41 @@ def layer_stats_step(model: nn.Module, module: nn.Module, x: torch.Tensor, y: to
 
 
 def ddp_noise_steps(rank: int, world: int, state: dict, x: torch.Tensor, y: torch.Tensor, every: int,
-                    steps: int, lr: float, accumulate: int, seed: int, flush_every: int = 0):
-    """DDP steps of 64 samples per rank through the noise hook measuring one step in `every` (0: no hook, the
-    built-in reduction); accumulation under no_sync."""
+                    steps: int, lr: float, accumulate: int, seed: int, flush_every: int = 0, deferred: bool = False):
+    """DDP steps of 64 samples per rank, the noise source measuring one step in `every` (0: never, plain DDP);
+    accumulation under no_sync. Flushes every `flush_every` steps, blocking or (`deferred`) as the loop does."""
     from spine.distributed import all_reduce_sum
 
     module = noise_mlp()
     module.load_state_dict(state)
     model = DDP(module, bucket_cap_mb=0.004)  # ~1,000 floats per bucket: several buckets, rebuilt after step 1
-    noise, estimator = DDPGradNoise(every=max(every, 1)), NoiseScaleEstimator(ema=0.9)
-    if every:
-        model.register_comm_hook(noise, DDPGradNoise.hook)
+    noise, estimator = DDPGradNoise(module.parameters()), NoiseScaleEstimator(ema=0.9)
+    deferred_flush, fed_at = DeferredFlush(noise, estimator, torch.device("cpu")), []
     optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     local_norms = []
     for step in range(1, steps + 1):
         idx = torch.randperm(len(x), generator=g)[:64 * world][rank::world]  # a shared draw; this rank's share
         micro_batches = idx.split(len(idx) // accumulate)
+        noise.measure = every > 0 and (step - 1) % every == 0  # as the loop sets it: one step in `every`
         for i, micro in enumerate(micro_batches):
             with nullcontext() if i == len(micro_batches) - 1 else model.no_sync():
-                (F.cross_entropy(model(x[micro]), y[micro]) * (len(micro) / len(idx))).backward()
+                loss = F.cross_entropy(model(x[micro]), y[micro]) * (len(micro) / len(idx))
+                with noise.backward() if every else nullcontext():
+                    loss.backward()
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters()])
         if every:
             local_norms.append(None if noise.local_sq_norm is None else noise.local_sq_norm.item())
             noise.step_done(grad_norm, len(idx), len(idx) * world)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if flush_every and step % flush_every == 0:
+        if flush_every and step % flush_every == 0 and deferred:
+            fed_at.append(deferred_flush.flush(step))
+        elif flush_every and step % flush_every == 0:
             noise.flush_into(estimator, all_reduce_sum)
+    if deferred:
+        fed_at.append(deferred_flush.finish())
+        assert fed_at == [None] + list(range(flush_every, steps + 1, flush_every)), fed_at  # one interval behind
     return module, local_norms, estimator.result()
 
 
@@ -669,6 +678,9 @@ def _distributed_checks(rank: int, world: int, payload: dict) -> dict:
         # B_simple at fixed weights (lr 0): b = 64 per rank (2 micro-batches of 32 under no_sync), B = 128.
         _, _, result = ddp_noise_steps(rank, world, state, x, y, 1, 200, 0.0, 2, 11, flush_every=20)
         out["noise"] = result
+        # The loop's non-blocking flush feeds the estimator the same numbers, one interval later.
+        _, _, out["noise_deferred"] = ddp_noise_steps(rank, world, state, x, y, 1, 200, 0.0, 2, 11, flush_every=20,
+                                                      deferred=True)
     return out
 
 
@@ -714,10 +726,10 @@ def test_ddp_noise_hook_leaves_training_bit_identical(two_ranks, noise_problem):
     initial = [t.tolist() for t in noise_problem["state"].values()]
     for r in per_rank:
         trained = r["trained"]
-        for every, accumulate in ((1, 1), (1, 2), (2, 2)):  # against the built-in reduction (every = 0)
+        for every, accumulate in ((1, 1), (1, 2), (2, 2)):  # against plain DDP (every = 0)
             assert trained[every, accumulate] == trained[0, accumulate], (every, accumulate)
         assert trained[0, 1] != initial and trained[0, 1] != trained[0, 2]  # it trained, on different steps
-        # every=2 measures the synchronised steps 1 and 3 only.
+        # Measuring one step in two measures the synchronised steps 1 and 3 only.
         assert r["measured_steps"] == {(0, 1): [], (0, 2): [], (1, 1): [True] * 4, (1, 2): [True] * 4,
                                        (2, 2): [True, False, True, False]}
     assert per_rank[0]["trained"] == per_rank[1]["trained"]  # and the replicas agree
@@ -736,7 +748,8 @@ def test_ddp_noise_hook_sees_the_local_gradient(two_ranks):
 def test_ddp_noise_scale_matches_per_example_gradients(two_ranks, noise_problem):
     per_rank, _ = two_ranks
     assert per_rank[0]["noise"] == per_rank[1]["noise"]
+    assert per_rank[0]["noise_deferred"] == per_rank[0]["noise"]  # bit for bit
     exact = noise_problem["exact"]["b_simple"]
     measured = per_rank[0]["noise"]["b_simple"]
-    print(f"B_simple through the DDP comm hook at world 2: {measured:.1f}, exact {exact:.1f}")
+    print(f"B_simple through the DDP parameter hooks at world 2: {measured:.1f}, exact {exact:.1f}")
     assert rel_err(measured, exact) < 0.25, (measured, exact)

@@ -20,7 +20,7 @@ COMMON = ["--epochs", "6", "--seed", "3", "--batch-size", "16"]
 ALL_ON = ["--layer-stats", "--sharpness-every", "10", "--histograms-every", "2"]
 
 world2_run("instruments-off", COMMON)
-world2_run("instruments-on", COMMON + ALL_ON + ["--noise-scale"])
+world2_run("instruments-on", COMMON + ALL_ON + ["--noise-scale", "--noise-scale-every", "1"])
 
 
 def _weights(record) -> str:
@@ -86,16 +86,25 @@ def test_the_first_sharpness_is_the_exact_top_eigenvalue_of_the_initial_hessian(
     assert measured[1] == pytest.approx(exact, rel=1e-3)
 
 
-def test_noise_scale_at_world1_with_accumulation_changes_no_weight(tmp_path):
+def test_noise_scale_at_world1_with_accumulation_changes_no_weight_at_any_cadence(tmp_path):
+    """60 steps, logged every 10. The default measures the logged steps; --noise-scale-every 1 every step (other
+    numbers, same logging steps); 30 measures steps 30 and 60 only (the flushes between have nothing to log)."""
     args = ["--epochs", "6", "--seed", "3", "--batch-size", "8", "--grad-accum-steps", "2"]
     off = run_train(tmp_path, args, name="off")
-    on = run_train(tmp_path, args + ["--noise-scale"], name="on")
-    assert _weights(on) == _weights(off)
-    noise = on.summary["instruments"]["noise_scale"]
-    assert set(noise) == {"b_simple", "g2", "trace_sigma"}
-    assert noise["g2"] > 0 and noise["trace_sigma"] > 0
-    assert noise["b_simple"] == pytest.approx(noise["trace_sigma"] / noise["g2"])
-    assert "noise/b_simple" in _events(on.run_dir).Tags()["scalars"]
+    runs = {every: run_train(tmp_path, args + ["--noise-scale"] + (["--noise-scale-every", every] if every else []),
+                             name=f"on-{every or 'default'}") for every in (None, "1", "30")}
+    logged_at = {}
+    for every, on in runs.items():
+        assert on.returncode == 0, on.output
+        assert _weights(on) == _weights(off)
+        noise = on.summary["instruments"]["noise_scale"]
+        assert set(noise) == {"b_simple", "g2", "trace_sigma"}
+        assert noise["g2"] > 0 and noise["trace_sigma"] > 0
+        assert noise["b_simple"] == pytest.approx(noise["trace_sigma"] / noise["g2"])
+        logged_at[every] = [e.step for e in _events(on.run_dir).Scalars("noise/g2")]
+    assert logged_at == {None: [10, 20, 30, 40, 50, 60], "1": [10, 20, 30, 40, 50, 60], "30": [30, 60]}
+    default, every_step = (runs[k].summary["instruments"]["noise_scale"]["g2"] for k in (None, "1"))
+    assert default != every_step  # one step measured per flush against ten
 
 
 @pytest.mark.distributed
@@ -106,7 +115,7 @@ def test_world2_instruments_change_no_weight_and_agree_with_world1_accumulation(
     assert on.returncode == off.returncode == 0, on.output
     assert _weights(on) == _weights(off)
     reference = run_train(tmp_path, ["--epochs", "6", "--seed", "3", "--batch-size", "16", "--grad-accum-steps", "2",
-                                     "--noise-scale", "--sharpness-every", "10"])
+                                     "--noise-scale", "--noise-scale-every", "1", "--sharpness-every", "10"])
     w2, w1 = on.summary["instruments"], reference.summary["instruments"]
     assert [s for s, _ in w2["sharpness"]] == [s for s, _ in w1["sharpness"]]
     for (_, a), (_, b) in zip(w2["sharpness"], w1["sharpness"], strict=True):

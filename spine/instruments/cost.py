@@ -1,10 +1,10 @@
 """What the always-on and the hot-path instruments cost, measured: `python -m spine.instruments.cost`.
 
-- the noise-scale comm hook at world 2 (gloo, real processes): step time with DDP's built-in (C++)
-  reduction, with torch's reference averaging hook in Python, and with DDPGradNoise (hook + step_done every
-  step + one flush per 10 steps), measuring every step and one in 4; interleaved blocks;
-- the same hook at world 3 gives weights bit-identical to the built-in reduction (a world size that is not
-  a power of two is where dividing and multiplying by the reciprocal differ);
+- the noise scale at world 2 (gloo, real processes): step time of plain DDP, and with DDPGradNoise (its
+  parameter hooks, step_done, one flush per 10 steps) measuring every step and one in 10 (the loop's default
+  cadence); for reference, torch's averaging communication hook in Python, which an earlier version of the
+  instrument was built on; interleaved blocks;
+- DDPGradNoise at world 3 leaves the weights bit-identical to plain DDP;
 - the micro-batch source at world 1 with 4 accumulation steps;
 - the guards' per-step calls, against a world-1 step.
 
@@ -69,61 +69,71 @@ def on_ranks(fn: Callable, world: int, *args: object, timeout: float = 600) -> l
 
 def _hook_timing(rank: int, world: int, hidden: int, batch: int, block: int, blocks: int) -> dict:
     torch.manual_seed(0)
-    modules = {name: mlp(hidden) for name in ("builtin", "reference", "hook", "hook every 4")}
+    every = {"plain": 0, "python comm hook": 0, "measured every step": 1, "measured one in 10": 10}
+    modules = {name: mlp(hidden) for name in every}
     for module in modules.values():
-        module.load_state_dict(modules["builtin"].state_dict())
+        module.load_state_dict(modules["plain"].state_dict())
     models = {name: DistributedDataParallel(module) for name, module in modules.items()}
-    models["reference"].register_comm_hook(None, allreduce_hook)  # torch's averaging hook in Python
-    noises = {"hook": DDPGradNoise(), "hook every 4": DDPGradNoise(every=4)}
-    for name, noise in noises.items():
-        models[name].register_comm_hook(noise, DDPGradNoise.hook)
+    models["python comm hook"].register_comm_hook(None, allreduce_hook)  # torch's averaging hook in Python
+    noises = {name: DDPGradNoise(modules[name].parameters()) for name, n in every.items() if n}
     estimator = NoiseScaleEstimator()
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(batch, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
 
-    def run(model: DistributedDataParallel, noise: DDPGradNoise | None) -> tuple[float, float]:
+    def run(name: str) -> tuple[float, float]:
+        model, noise = models[name], noises.get(name)
         params = list(model.module.parameters())
         optimizer = torch.optim.SGD(params, lr=1e-3)
         dist.barrier()
         start, cpu_start = time.perf_counter(), time.process_time()
         for step in range(1, block + 1):
-            F.cross_entropy(model(x), y).backward()
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            if noise is not None:
-                noise.step_done(grad_norm, batch, batch * world)
-                if step % 10 == 0:
-                    noise.flush_into(estimator, all_reduce_sum)
+            loss = F.cross_entropy(model(x), y)
+            if noise is None:
+                loss.backward()
+            else:
+                noise.measure = step % every[name] == 0
+                with noise.backward():
+                    loss.backward()
+            if noise is not None and noise.measure:  # the loop computes the norm on these steps anyway
+                noise.step_done(torch.nn.utils.get_total_norm([p.grad for p in params]), batch, batch * world)
+            if noise is not None and step % 10 == 0:
+                noise.flush_into(estimator, all_reduce_sum)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return (time.perf_counter() - start) / block, (time.process_time() - cpu_start) / block
 
-    for name, model in models.items():  # warm-up: the first iterations build and rebuild the buckets
-        run(model, noises.get(name))
+    for name in models:  # warm-up: the first iterations build and rebuild the buckets
+        run(name)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     for i in range(blocks):  # interleaved, alternating the order, so drift hits every variant alike
         for name in list(models) if i % 2 == 0 else list(models)[::-1]:
-            times[name].append(run(models[name], noises.get(name)))
+            times[name].append(run(name))
     # The fastest block: other processes only ever add time, so the minimum is the cost without them.
     return {name: (min(v[0] for v in values), min(v[1] for v in values)) for name, values in times.items()}
 
 
 def _bit_identity(rank: int, world: int, steps: int) -> bool:
     weights = {}
-    for variant in ("builtin", "hook"):
+    for variant in ("plain", "measured"):
         torch.manual_seed(0)
         module = mlp(64)
         model = DistributedDataParallel(module, bucket_cap_mb=0.01)
-        if variant == "hook":
-            model.register_comm_hook(DDPGradNoise(), DDPGradNoise.hook)
+        noise = DDPGradNoise(module.parameters()) if variant == "measured" else None
         optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
         g = torch.Generator().manual_seed(1 + rank)
         for _ in range(steps):
             x, y = torch.randn(32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
-            F.cross_entropy(model(x), y).backward()
+            loss = F.cross_entropy(model(x), y)
+            if noise is None:
+                loss.backward()
+            else:
+                with noise.backward():
+                    loss.backward()
+                noise.step_done(torch.nn.utils.get_total_norm([p.grad for p in module.parameters()]), 32, 32 * world)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         weights[variant] = [p.detach().clone() for p in module.parameters()]
-    return all(torch.equal(a, b) for a, b in zip(weights["builtin"], weights["hook"], strict=True))
+    return all(torch.equal(a, b) for a, b in zip(weights["plain"], weights["measured"], strict=True))
 
 
 def _world1_step_times(hidden: int, batch: int, steps: int, repeats: int) -> dict[str, float]:
@@ -133,11 +143,13 @@ def _world1_step_times(hidden: int, batch: int, steps: int, repeats: int) -> dic
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=1e-3)
     guards = Guards(warn=lambda message: None)
-    sources = {1: MicroBatchGradNoise(params), 4: MicroBatchGradNoise(params, every=4)}
+    sources = {1: MicroBatchGradNoise(params), 4: MicroBatchGradNoise(params)}
     x, y = torch.randn(batch, 32), torch.randint(0, 10, (batch,))
 
     def step(guarded: bool, micro: int, every: int, index: int) -> None:
         noise = sources.get(every)
+        if noise is not None:
+            noise.measure = index % every == 0  # one step in `every`
         if guarded:
             guards.training_forward(model, index)
             guards.grads_cleared(params, index)
@@ -178,11 +190,10 @@ def _world1_step_times(hidden: int, batch: int, steps: int, repeats: int) -> dic
 
 
 def _additions_cost(hidden: int, batch: int) -> dict[str, float]:
-    """Seconds of the work the noise sources add to a step, timed alone (the fastest of repeated batches).
-
-    Robust on a busy machine where whole-step differences of a few percent drown in noise: the DDP hook's
-    additions (one dot product over the gradient, step_done's two adds) and the micro-batch source's (a
-    fused norm per micro-batch and one add, for 4 micro-batches, and step_done).
+    """Seconds of the work the noise sources add to a measured step, timed alone (the fastest of repeated
+    batches); robust on a busy machine where whole-step differences of a few percent drown in noise. The DDP
+    source: one hook call (a dot product) per parameter tensor and step_done's two adds. The micro-batch
+    source: a sum of squares per micro-batch and one add, for 4 micro-batches, and step_done.
     """
     import timeit
 
@@ -190,14 +201,15 @@ def _additions_cost(hidden: int, batch: int) -> dict[str, float]:
     model = mlp(hidden)
     x, y = torch.randn(batch, 32), torch.randint(0, 10, (batch,))
     F.cross_entropy(model(x), y).backward()
-    grads = [p.grad for p in model.parameters()]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
     grad_norm = torch.nn.utils.get_total_norm(grads)
-    ddp_noise, micro_noise = DDPGradNoise(), MicroBatchGradNoise([])
+    ddp_noise, micro_noise = DDPGradNoise(params), MicroBatchGradNoise([])
 
     def ddp_additions() -> None:
-        ddp_noise._pending = torch.mv(flat.view(1, -1), flat)  # what the hook adds to the reference hook
-        ddp_noise._buckets_done = True
+        for p in params:
+            ddp_noise._see(p)  # what the post-accumulate-grad hooks do
+        ddp_noise._complete = True
         ddp_noise.step_done(grad_norm, batch, 2 * batch)
 
     def micro_additions() -> None:
@@ -217,21 +229,21 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f}; per step, the fastest of "
           "interleaved blocks (other processes only add time)\n")
-    print("world 3, 20 SGD steps: hook bit-identical to DDP's built-in reduction:",
+    print("world 3, 20 SGD steps measured by DDPGradNoise: bit-identical to plain DDP:",
           all(on_ranks(_bit_identity, 3, 20)))
     for hidden, batch, block in ((64, 32, 50), (512, 64, 20)):
         params = sum(p.numel() for p in mlp(hidden).parameters())
         rank0 = on_ranks(_hook_timing, 2, hidden, batch, block, 16)[0]
-        wall, cpu = rank0["builtin"]
-        print(f"world 2, MLP {params:,} params, batch {batch}/rank, rank 0, built-in reduction: "
+        wall, cpu = rank0["plain"]
+        print(f"world 2, MLP {params:,} params, batch {batch}/rank, rank 0, plain DDP: "
               f"{wall * 1e3:.3f} ms wall, {cpu * 1e3:.3f} ms CPU per step")
-        for name in ("reference", "hook", "hook every 4"):
+        for name in ("python comm hook", "measured every step", "measured one in 10"):
             other_wall, other_cpu = rank0[name]
-            print(f"    {name:>13}: {other_wall * 1e3:.3f} ms wall ({other_wall / wall - 1:+.1%}), "
+            print(f"    {name:>19}: {other_wall * 1e3:.3f} ms wall ({other_wall / wall - 1:+.1%}), "
                   f"{other_cpu * 1e3:.3f} ms CPU ({other_cpu / cpu - 1:+.1%})")
     for hidden, batch in ((64, 32), (512, 64)):
         extra = _additions_cost(hidden, batch)
-        print(f"hidden {hidden}, batch {batch}: work the sources add, timed alone: DDP hook + step_done "
+        print(f"hidden {hidden}, batch {batch}: work the sources add, timed alone: DDP hooks + step_done "
               f"{extra['ddp'] * 1e6:.1f} us per step, micro-batch source {extra['micro'] * 1e6:.1f} us per step "
               "of 4 micro-batches")
     for hidden, batch, steps in ((64, 32, 50), (512, 64, 20)):

@@ -1,6 +1,6 @@
 """The instruments as the training loop sees them: one object, called at five points of train.py.
 
-    instruments = Instruments(cfg, ctx, model, ddp_model, optimizer, data, logger, steps_per_epoch)
+    instruments = Instruments(cfg, ctx, model, optimizer, data, logger, steps_per_epoch)
     each epoch, after sampler.set_epoch:        instruments.epoch_start(sampler, epoch)
     each step, before forward_backward:         instruments.step_start(step)          (step counts from 1)
     around each micro-batch's backward:         with instruments.backward(micro, step_batch): loss.backward()
@@ -11,8 +11,8 @@
 
 Only the live guards are always on (a few attribute reads per step). Every other instrument is None unless its
 flag asks for it, and none of them changes what training computes: they read weights and gradients, run their
-own forwards in eval mode with the RNG forked (sharpness), and hook DDP's all-reduce with an averaging that is
-bit-identical to DDP's own (noise scale). The non-main ranks take part in every collective but log nothing.
+own forwards in eval mode with the RNG forked (sharpness), and read gradients from parameter hooks that exist
+only during a measured backward (noise scale). The non-main ranks take part in every collective but log nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 from spine.distributed import DistContext, all_reduce_sum
 from spine.instruments.guards import Guards
 from spine.instruments.layer_stats import LayerStats
-from spine.instruments.noise_scale import DDPGradNoise, MicroBatchGradNoise, NoiseScaleEstimator
+from spine.instruments.noise_scale import DDPGradNoise, DeferredFlush, MicroBatchGradNoise, NoiseScaleEstimator
 from spine.instruments.sharpness import top_hessian_eigenvalue
 
 if TYPE_CHECKING:  # annotations only: the loop's own types, no import at run time
@@ -38,8 +38,8 @@ if TYPE_CHECKING:  # annotations only: the loop's own types, no import at run ti
 
 
 class Instruments:
-    def __init__(self, cfg: Config, ctx: DistContext, model: nn.Module, ddp_model: nn.Module,
-                 optimizer: torch.optim.Optimizer, data: SplitDataset, logger: RunLogger, steps_per_epoch: int) -> None:
+    def __init__(self, cfg: Config, ctx: DistContext, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 data: SplitDataset, logger: RunLogger, steps_per_epoch: int) -> None:
         self.ctx, self.model, self.optimizer, self.logger = ctx, model, optimizer, logger
         self.log_every, self.steps_per_epoch = cfg.log_every, steps_per_epoch
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -55,13 +55,15 @@ class Instruments:
             self.curvature_x = data.train_x[:n][ctx.rank::ctx.world_size]
             self.curvature_y = data.train_y[:n][ctx.rank::ctx.world_size]
         self.noise, self.noise_estimate = None, None
+        # The logged steps compute the grad norm anyway: measured on those, the noise scale costs the least.
+        self.noise_every = cfg.noise_scale_every or cfg.log_every
         if cfg.noise_scale:
             self.noise_estimate = NoiseScaleEstimator()
-            if ctx.world_size > 1:  # per-rank batch against the all-reduced one, measured inside the all-reduce
-                self.noise = DDPGradNoise()
-                ddp_model.register_comm_hook(self.noise, DDPGradNoise.hook)
+            if ctx.world_size > 1:  # per-rank batch against the all-reduced one, read before DDP writes it back
+                self.noise = DDPGradNoise(self.params)
             else:  # one micro-batch against the step's k
                 self.noise = MicroBatchGradNoise(self.params)
+            self.noise_flush = DeferredFlush(self.noise, self.noise_estimate, ctx.device)  # no rank waits on it
 
     def _warn(self, message: str) -> None:
         if self.ctx.is_main:  # every rank sees the same state; one voice is enough
@@ -69,8 +71,8 @@ class Instruments:
 
     @property
     def needs_grad_norm(self) -> bool:
-        """The noise scale needs the all-reduced gradient's norm at every step it measures: all of them."""
-        return self.noise is not None
+        """Whether the current step needs the grad norm: the noise scale's big-batch gradient, when it measures."""
+        return self.noise is not None and self.noise.measure
 
     def epoch_start(self, sampler: object, epoch: int) -> None:
         self.guards.sampler_epoch(sampler, epoch)
@@ -79,15 +81,19 @@ class Instruments:
         """Before step `step` (1-based) runs its first forward."""
         self.guards.training_forward(self.model, step)
         self.guards.grads_cleared(self.params, step)
+        if self.noise is not None:  # by the global step, so a resumed run measures the same steps
+            self.noise.measure = step % self.noise_every == 0
         if self.sharpness_every and (step - 1) % self.sharpness_every == 0:
             self._measure_sharpness(step - 1)
         if self.layer_stats and step % self.log_every == 0:  # after the sharpness: its forwards are not the step's
             self.layer_stats.begin_step()
 
     def backward(self, micro_batch: int, step_batch: int) -> contextlib.AbstractContextManager:
-        """Wraps one micro-batch's backward: at world size 1, the noise scale's small-batch gradient."""
+        """Wraps one micro-batch's backward: the noise scale's small-batch gradient, on a step it measures."""
         if isinstance(self.noise, MicroBatchGradNoise):
             return self.noise.micro_batch(weight=micro_batch / step_batch, size=micro_batch)
+        if isinstance(self.noise, DDPGradNoise):
+            return self.noise.backward()
         return contextlib.nullcontext()
 
     def before_update(self, step: int, grad_norm: torch.Tensor | None, step_batch: int) -> None:
@@ -107,9 +113,13 @@ class Instruments:
         if self.layer_stats and self.layer_stats.active:
             self.logger.scalars(step, self.layer_stats.end_step(self.all_reduce))  # a collective at world > 1
         if self.noise is not None and step % self.log_every == 0:
-            if self.noise.flush_into(self.noise_estimate, self.all_reduce, self.ctx.device):  # a collective too
-                result = self.noise_estimate.result()
-                self.logger.scalars(step, {f"noise/{k}": v for k, v in result.items() if v is not None})
+            self._log_noise(self.noise_flush.flush(step))  # a collective, started here and read at the next one
+
+    def _log_noise(self, step: int | None) -> None:
+        """The estimator's value once the estimate up to `step` is in (None: nothing came in)."""
+        if step is not None:
+            result = self.noise_estimate.result()
+            self.logger.scalars(step, {f"noise/{k}": v for k, v in result.items() if v is not None})
 
     def validated(self, model: nn.Module, epoch: int) -> bool:
         """After validation's forwards: whether it ran in eval mode (a guard warns if not)."""
@@ -133,7 +143,10 @@ class Instruments:
         self.logger.histograms(step, tensors)
 
     def summary(self) -> dict:
-        """summary.json's `instruments`: the guards' messages ([] when healthy); the others when switched on."""
+        """summary.json's `instruments`: the guards' messages ([] when healthy); the others when switched on.
+        Every rank calls it: it completes the noise scale's last all-reduce."""
+        if self.noise is not None:
+            self._log_noise(self.noise_flush.finish())
         return {"guards": list(self.guards.messages),
                 "sharpness": self.sharpness if self.sharpness_every else None,
                 "noise_scale": self.noise_estimate.result() if self.noise_estimate else None}
@@ -141,7 +154,5 @@ class Instruments:
     def close(self) -> None:
         if self.layer_stats:
             self.layer_stats.remove()
-        if isinstance(self.noise, MicroBatchGradNoise):
-            self.noise.remove()
 
 

@@ -12,7 +12,7 @@ and denominator separately and reports the ratio of the averages, never an avera
 
 Two sources of the two batch sizes come for almost nothing in the loop:
 
-- DDPGradNoise (world > 1): a DDP communication hook takes each rank's *local* gradient (small batch: the
+- DDPGradNoise (world > 1): parameter hooks read each rank's *local* gradient (small batch: the
   per-rank step batch, micro-batch x accumulation steps under no_sync) before the all-reduce; the
   all-reduced .grad is the big batch (per-rank step batch x world size).
 - MicroBatchGradNoise (world 1, gradient accumulation with k >= 2): each micro-batch's own gradient is the
@@ -22,11 +22,8 @@ Both keep the squared norms summed on the device (one or two in-place adds per s
 the estimates over with `collect(all_reduce)`, one all-reduce of three numbers, at the loop's logging cadence,
 between steps.
 
-Squared norms are of the gradient as the loop computes it: before clipping, and (with AMP, which the loop
-does not use) they would first need unscaling and skipping of overflow steps.
-
-No `from __future__ import annotations` here: DDP checks the comm hook's annotations against the real
-types, and postponed annotations are strings.
+Squared norms are of the gradient as the loop computes it: before clipping. Under fp16 the hooks would see
+gradients still multiplied by the loss scale, which is why --noise-scale refuses --precision fp16.
 """
 
 from collections.abc import Callable, Iterable, Iterator
@@ -127,6 +124,12 @@ class _Run:
         self.count = 0  # estimates (a Python int: no sync)
 
 
+def mean_estimates(sums: torch.Tensor) -> tuple[float, float] | None:
+    """(mean |G|^2, mean tr(Sigma)) from take_sums()'s three numbers (summed over ranks); None if none. A host read."""
+    g2_sum, trace_sum, count = sums.tolist()
+    return None if count == 0 else (g2_sum / count, trace_sum / count)
+
+
 class _StepEstimates:
     """Squared norms summed on the device per pair of batch sizes; collect() turns them into mean estimates.
 
@@ -156,6 +159,13 @@ class _StepEstimates:
         estimate was added on any rank. `device` places the message on a rank that added none (default: the
         device of its sums, else cpu).
         """
+        sums = self.take_sums(device)
+        return mean_estimates(all_reduce(sums) if all_reduce is not None else sums)
+
+    def take_sums(self, device: torch.device | None = None) -> torch.Tensor:
+        """This rank's (sum of |G|^2 estimates, sum of tr(Sigma) estimates, count) since the last take, as one
+        float64 tensor on the device (no host sync), and start afresh. Summed over ranks, mean_estimates()
+        turns it into collect()'s answer."""
         runs, self._runs = self._runs, {}
         if device is None:
             device = next(iter(runs.values())).small.device if runs else torch.device("cpu")
@@ -167,8 +177,7 @@ class _StepEstimates:
             sums[0] += g2[0]
             sums[1] += trace_sigma[0]
             sums[2] += run.count
-        g2_sum, trace_sum, count = (all_reduce(sums) if all_reduce is not None else sums).tolist()
-        return None if count == 0 else (g2_sum / count, trace_sum / count)
+        return sums
 
     def flush_into(self, estimator: NoiseScaleEstimator, all_reduce: AllReduce | None = None,
                    device: torch.device | None = None) -> bool:
@@ -180,72 +189,77 @@ class _StepEstimates:
 
 
 class DDPGradNoise(_StepEstimates):
-    """Under DDP: a comm hook measures each rank's local gradient; the loop hands over the all-reduced one.
+    """Under DDP: parameter hooks read each rank's local gradient; the loop hands over the all-reduced one.
 
     In the loop:
-        noise = DDPGradNoise(); ddp_model.register_comm_hook(noise, DDPGradNoise.hook)   # once, after DDP(...)
-        ... synced backward of the step ...
+        noise = DDPGradNoise(model.parameters())                          # once; `measure` set per step
+        for each micro-batch:  with noise.backward(): loss.backward()     # under no_sync but the last
         grad_norm = get_total_norm(...)                                   # the loop has it, before clipping
         noise.step_done(grad_norm, b_small=len(idx), b_big=len(idx) * world)   # two in-place adds, no sync
         every log_every steps, on every rank: noise.flush_into(estimator, all_reduce_sum)
 
-    len(idx) is the per-rank step batch (micro-batch x accumulation steps): under no_sync the gradients of
-    the micro-batches accumulate in .grad and the one synced backward hands their sum to the buckets.
+    Why the hooks see the local gradient: DDP (with gradient_as_bucket_view off, its default) copies each
+    .grad into a bucket and all-reduces the bucket; only when the backward ends does it copy the averaged
+    bucket back into .grad. A post-accumulate-grad hook runs as soon as .grad has been accumulated, before
+    that copy. Under no_sync the micro-batches' gradients add up in .grad, so the hooks of the step's last
+    (synchronised) backward see the rank's whole step gradient: each backward restarts the sum, the last
+    one's stays. len(idx) is that per-rank step batch (micro-batch x accumulation steps).
 
-    Cost: any Python comm hook costs more than DDP's C++ reduction; this one adds, to torch's reference
-    averaging hook, one dot product per bucket and two in-place adds per step. every=n measures one
-    synchronised step in n (the others run the plain averaging hook), for n times fewer of those.
+    Cost: nothing on a step that is not measured. The hooks exist only inside a measured backward, and DDP's
+    own C++ reduction is never replaced (an earlier version used a Python communication hook, which cost
+    ~9% of every world-2 step of the bench's small MLP). A measured backward pays one Python call and one
+    dot product per parameter tensor; the loop measures the steps whose grad norm it computes anyway.
     """
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None, every: int = 1) -> None:
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
         super().__init__()
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self.process_group = process_group
-        self.every = every
-        self._synced_steps = 0  # step_done calls after a synchronised backward: which steps are measured
-        self._pending: torch.Tensor | None = None  # this step's local squared norm, summed over its buckets
-        self._buckets_done = False  # the last bucket of a synced backward passed through the hook
+        self.params = [p for p in params if p.requires_grad]
+        self.measure = True  # whether the coming step is measured; the loop sets it per step
+        self._pending: torch.Tensor | None = None  # this backward's local squared norm, summed over tensors
+        self._complete = False  # a measured backward ran to its end since the last step_done
 
-    @staticmethod
-    def hook(state: "DDPGradNoise", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        """The standard averaging all-reduce, plus one dot product of the local, not yet averaged bucket.
+    def _see(self, param: torch.Tensor) -> None:
+        grad = param.grad.reshape(-1)
+        flat = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()  # fp32 at least
+        square = torch.dot(flat, flat)  # BLAS: on CPU 2.5x faster than a norm's reduction, measured
+        self._pending = square.double() if self._pending is None else self._pending.add_(square)
 
-        Averaging exactly as DDP's built-in reduction does, so training is bit-identical to training without
-        the hook: multiply by 1/world, then SUM (not ReduceOp.AVG, unreliable on gloo). DDP multiplies by the
-        reciprocal while copying the gradients into the bucket; a division (as in torch's reference
-        allreduce_hook) differs from it in the last bit when the world size is not a power of two (measured
-        at world 3: `python -m spine.instruments.cost`). Nothing is keyed on bucket.index(): DDP rebuilds its
-        buckets after the first iteration, and only the sum over all buckets is used.
-        """
-        buffer = bucket.buffer()
-        if state._synced_steps % state.every == 0:
-            flat = buffer if buffer.dtype in (torch.float32, torch.float64) else buffer.float()  # fp32 at least
-            square = torch.dot(flat, flat)  # BLAS: on CPU 2.5x faster than a norm's reduction, measured
-            # The first bucket of a step starts a fresh tensor, so nothing ever needs zeroing.
-            state._pending = square if state._pending is None else state._pending.add_(square)
-        if bucket.is_last():
-            state._buckets_done = True
-        group = state.process_group if state.process_group is not None else dist.group.WORLD
-        buffer.mul_(1.0 / group.size())
-        return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
+    @contextmanager
+    def backward(self) -> Iterator[None]:
+        """Wrap each backward of the step; measures only when `measure` is set."""
+        if not self.measure:
+            yield
+            return
+        handles = self._register_hooks()
+        try:
+            yield
+            self._complete = True
+        finally:
+            self._remove_hooks(handles)
+
+    def _register_hooks(self) -> list[RemovableHandle]:
+        self._pending, self._complete = None, False  # a later backward of the step supersedes an earlier one
+        return [p.register_post_accumulate_grad_hook(self._see) for p in self.params]
+
+    def _remove_hooks(self, handles: list[RemovableHandle]) -> None:
+        for handle in handles:
+            handle.remove()
 
     @property
     def local_sq_norm(self) -> torch.Tensor | None:
-        """This rank's local squared gradient norm of the current step (summed over buckets), until step_done."""
+        """This rank's local squared gradient norm of the current step (its last backward), until step_done."""
         return self._pending
 
-    def step_done(self, grad_norm: torch.Tensor, b_small: int, b_big: int) -> None:
-        """After the step's synced backward: the norm of the all-reduced gradient (before clipping), the
-        per-rank step batch and the global one. A step whose backward did not reach the hook adds nothing."""
-        if self._buckets_done and self._pending is not None:
+    def step_done(self, grad_norm: torch.Tensor | None, b_small: int, b_big: int) -> None:
+        """After the step's synced backward: the norm of the all-reduced gradient (before clipping; None on a
+        step not measured), the per-rank step batch and the global one. A step not measured adds nothing."""
+        if self._complete and self._pending is not None:
             run = self._run(b_small, b_big, self._pending.device)
             run.small.add_(self._pending)
             grad_norm = grad_norm.detach()
             run.big.addcmul_(grad_norm, grad_norm)
             run.count += 1
-        self._synced_steps += self._buckets_done
-        self._pending, self._buckets_done = None, False
+        self._pending, self._complete = None, False
 
 
 class MicroBatchGradNoise(_StepEstimates):
@@ -269,34 +283,34 @@ class MicroBatchGradNoise(_StepEstimates):
     size and adds nothing.
 
     Cost: per measured micro-batch, a sum of squares of its gradients (dot products) and one in-place add;
-    the hooks on the other backwards only test a flag. every=n measures one step in n.
+    the hooks on the other backwards only test a flag. `measure` says whether the coming step is measured.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], every: int = 1) -> None:
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
         super().__init__()
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
         self.params = [p for p in params if p.requires_grad]
-        self.every = every
-        self._steps = 0  # step_done calls: which steps are measured
-        self._measuring = False
+        self.measure = True  # whether the coming step's micro-batches are measured; the loop sets it per step
         self._grads: list[torch.Tensor] = []  # the current backward's gradients, as the hooks saw them
         self._step_runs: dict[tuple[int, int], int] = {}  # micro-batches of this step per pair of sizes
-        self._handles: list[RemovableHandle] = [p.register_hook(self._see) for p in self.params]
 
     def _see(self, grad: torch.Tensor) -> None:
-        if self._measuring:
-            self._grads.append(grad)  # only a reference; the norm is taken once, after the backward
+        self._grads.append(grad)  # only a reference; the norm is taken once, after the backward
         return None  # leave the gradient unchanged
 
     @contextmanager
     def micro_batch(self, weight: float, size: int) -> Iterator[None]:
-        """Wrap one micro-batch's backward; weight = the factor its mean loss was multiplied by."""
-        self._measuring, self._grads = self._steps % self.every == 0, []
+        """Wrap one micro-batch's backward; weight = the factor its mean loss was multiplied by. The hooks
+        exist only inside a measured micro-batch: a step not measured pays nothing."""
+        if not self.measure:
+            yield
+            return
+        self._grads = []
+        handles = [p.register_hook(self._see) for p in self.params]
         try:
             yield
         finally:
-            self._measuring = False
+            for handle in handles:
+                handle.remove()
         step_size = round(size / weight)
         if self._grads and size < step_size:
             square = _sum_of_squares(self._grads)
@@ -305,8 +319,11 @@ class MicroBatchGradNoise(_StepEstimates):
             self._step_runs[size, step_size] = self._step_runs.get((size, step_size), 0) + 1
         self._grads = []
 
-    def step_done(self, grad_norm: torch.Tensor) -> None:
-        """After the step's last backward: the norm of the accumulated gradient (before clipping)."""
+    def step_done(self, grad_norm: torch.Tensor | None) -> None:
+        """After the step's last backward: the norm of the accumulated gradient (before clipping); None is
+        allowed on a step that was not measured."""
+        if not self._step_runs:
+            return
         grad_norm = grad_norm.detach()
         for key, micro_batches in self._step_runs.items():  # one pair of sizes, two when the last micro is short
             run = self._runs.get(key)
@@ -314,10 +331,44 @@ class MicroBatchGradNoise(_StepEstimates):
                 run.big.addcmul_(grad_norm, grad_norm, value=float(micro_batches))
                 run.count += micro_batches
         self._step_runs = {}
-        self._steps += 1
 
-    def remove(self) -> None:
-        """Unregister the parameter hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+
+class DeferredFlush:
+    """Feeds an estimator from a source on every rank without making any rank wait at a flush.
+
+    Each flush() takes this interval's sums, starts their all-reduce and completes the previous flush's, so the
+    estimator runs one logging interval behind; finish() completes the last. A blocking all-reduce of the three
+    numbers cost ~1.2 ms per flush at world 2 (each rank waits for the slower one and for the round trip): 6% of
+    the bench's world-2 run, measured. Started in the same order on every rank, the all-reduces pair up as any
+    collective does. At world 1 (no process group) a flush completes at once.
+
+        flush = DeferredFlush(source, estimator, device)
+        every log_every steps, on every rank:   done_at = flush.flush(step)    # a step whose estimate came in
+        at the end, on every rank:              done_at = flush.finish()
+    """
+
+    def __init__(self, source: _StepEstimates, estimator: NoiseScaleEstimator, device: torch.device) -> None:
+        self.source, self.estimator, self.device = source, estimator, device
+        self._pending: tuple[int, torch.Tensor, object] | None = None  # (step, sums, the all-reduce's work)
+
+    def flush(self, step: int) -> int | None:
+        """Start the all-reduce of the sums up to `step`; complete the previous one. Returns the step of the
+        estimate that entered the estimator (this one at world 1, the previous flush's under DDP), or None."""
+        sums = self.source.take_sums(self.device)
+        work = dist.all_reduce(sums, op=dist.ReduceOp.SUM, async_op=True) if dist.is_initialized() else None
+        done_at = self.finish()
+        self._pending = (step, sums, work)
+        return self.finish() if work is None else done_at
+
+    def finish(self) -> int | None:
+        """Complete the pending all-reduce, if any, and feed its estimate; its step, or None if nothing came in."""
+        if self._pending is None:
+            return None
+        (step, sums, work), self._pending = self._pending, None
+        if work is not None:
+            work.wait()
+        estimates = mean_estimates(sums)
+        if estimates is None:
+            return None
+        self.estimator.update_estimates(*estimates)
+        return step
