@@ -6,9 +6,9 @@ Five parts, each writing <out>/<part>.json (every figure the write-up cites), a 
 
 - eos:    full-batch gradient descent on spirals at three lrs x 5 seeds; sharpness against 2/lr (Cohen et al. 2021).
 - batch:  steps to a train-loss target against the batch size on the `rule` problem, lr tuned per batch over a
-          grid (seed 0), then 3 seeds at the tuned lr; fit S = S_min (1 + B_crit / B) (McCandlish et al. 2018).
+          grid (seed 0), then 5 seeds at the tuned lr; fit S = S_min (1 + B_crit / B) (McCandlish et al. 2018).
 - world:  B_simple at world 2 (torchrun, micro-batch b per rank) and at world 1 with --grad-accum-steps 2 (same
-          micro-batch), 3 seeds each, on the batch study's problem at its tuned lr for batch 2b.
+          micro-batch), 5 seeds each, on the batch study's problem at its tuned lr for batch 2b.
 - ratios: update-to-weight ratios (--layer-stats) of the default recipe, of --break huge-lr, and at lr / 100.
 - lrfind: --lr-find on the default recipe over 5 seeds, against the working lr range of reports/overfit/study.md.
 
@@ -56,7 +56,7 @@ LIN_LR = 0.05  # at batch 16; the grid is this, scaled linearly with the batch, 
 LR_FACTORS = (0.25, 0.5, 1.0, 2.0)
 LR_CAP = 3.2
 MAX_EXTEND = 3
-BATCH_SEEDS = (0, 1, 2)
+BATCH_SEEDS = (0, 1, 2, 3, 4)
 WINDOW_SAMPLES = 512  # steps-to-target reads a running mean of the step losses over >= this many samples
 NOISE_MICRO = 32  # world part: micro-batch per rank (world 2) or per accumulation step (world 1); step batch 64
 
@@ -336,7 +336,8 @@ def part_world(out: Path, runs: Path) -> dict:
     step_batch = 2 * NOISE_MICRO
     lr = (json.loads(batch_file.read_text())["tuned_lr"].get(str(step_batch)) if batch_file.exists() else None) \
         or LIN_LR * step_batch / BATCHES[0]
-    common = RULE + QUIET + ["--noise-scale", "--lr", str(lr), "--epochs", str(EPOCHS[step_batch])]
+    common = RULE + QUIET + ["--noise-scale", "--noise-scale-every", "1",  # every step: the smoothest estimate
+                             "--lr", str(lr), "--epochs", str(EPOCHS[step_batch])]
     w1 = [_check(run(common + ["--batch-size", str(NOISE_MICRO), "--grad-accum-steps", "2", "--seed", str(s)],
                      runs, f"noise-w1-s{s}", overwrite=True)) for s in BATCH_SEEDS]
     w2 = [_check(r) for r in run_many([(common + ["--batch-size", str(NOISE_MICRO), "--seed", str(s)], f"noise-w2-s{s}")

@@ -65,7 +65,7 @@ PRESETS = {
     "tiny": Preset(seeds=1, data_sizes=(250, 500, 2500), data_batch=32, data_epochs=1,
                    batch_sizes=(8, 16, 64, 128), batch_samples=1000, batch_epochs=2,
                    world_batches=(64,), world_epochs=1, accum_batches=(64,), accum_micro=16, probe_steps=5),
-    "default": Preset(seeds=3, data_sizes=(1000, 3000, 10_000, 30_000, 100_000), data_batch=128, data_epochs=8,
+    "default": Preset(seeds=5, data_sizes=(1000, 3000, 10_000, 30_000, 100_000), data_batch=128, data_epochs=8,
                       batch_sizes=(16, 64, 256, 1024, 4096), batch_samples=20_000, batch_epochs=10,
                       world_batches=(64, 512, 4096), world_epochs=3, accum_batches=(512, 4096), accum_micro=64,
                       probe_steps=60),

@@ -5,7 +5,7 @@ import pytest
 from launch.report import DOCUMENTS, PRODUCERS, REPO, Producer, cited_files, owner, plan, regenerate
 
 QUICK_OVERFITTING = Producer("overfitting", "overfitting", "reports/overfitting", ("reports/overfitting/",),
-                             ("--epochs", "12"))
+                             ("--epochs", "12", "--seeds", "2"))
 DOC = """# Doc
 Prose the report must not touch.
 <!-- generated: reports/overfitting/overfitting.md -->
@@ -23,7 +23,7 @@ def test_missing_outputs_are_regenerated_blocks_filled_and_a_second_pass_is_a_no
     assert ran == ["overfitting"]
     text = (tmp_path / "experiments.md").read_text()
     assert "stale table" not in text
-    assert "| best.pt (lowest val loss) |" in text and "--epochs 12" in text
+    assert "| seed | lowest val loss: epoch |" in text and "--epochs 12" in text and "seeds 0-1" in text
     assert text.startswith("# Doc\nProse the report must not touch.\n") and text.endswith("Closing prose.\n")
     assert (tmp_path / "reports/overfitting/overfitting.png").stat().st_size > 0
 
