@@ -117,7 +117,7 @@ def main() -> int:
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="cuda: train.py against a bare CUDA loop (nccl at world 2)")
-    p.add_argument("--thread-repeats", type=int, default=3)
+    p.add_argument("--thread-repeats", type=int, default=5)
     p.add_argument("--end-to-end-repeats", type=int, default=5)
     p.add_argument("--epochs", default="", help="short,long epochs for every case (tests only)")
     opts = p.parse_args()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -104,15 +105,40 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
         return None
 
 
-def default_threads(local_world_size: int, macs_per_step: int) -> int:
-    """One thread for a small step, every core of the rank for a large one (MULTI_THREAD_MACS).
+def default_threads(local_world_size: int, macs_per_step: int, probe_seconds: float = 0.1) -> int:
+    """One thread for a small step; for a large one (MULTI_THREAD_MACS) the rank's cores that are idle now.
 
     Extra threads of a small step only wait on each other, and on a busy machine a preempted thread stalls the
     whole step (measured: 2 threads at 0.41x of 1 on a tiny MLP under load). train.py also sets
     OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP, so waiting threads sleep instead of spinning: that keeps
     many threads from falling behind one thread on a loaded machine (measured 1.35x of 1 thread instead of 0.5x).
+    A large step alone on its node first samples, for `probe_seconds`, how many cores other processes keep
+    busy, and leaves them out: a thread on a busy core runs at the other process's pace and the step waits for
+    it. With several ranks on the node the probe would count the sibling ranks' own start-up as load, so there
+    the cores are split evenly instead.
     """
-    return 1 if macs_per_step < MULTI_THREAD_MACS else cores_per_rank(local_world_size)
+    if macs_per_step < MULTI_THREAD_MACS:
+        return 1
+    cores = cores_per_rank(local_world_size)
+    if local_world_size > 1 or probe_seconds <= 0:
+        return cores
+    return max(1, min(cores, round(cores - busy_cores(probe_seconds))))
+
+
+def busy_cores(seconds: float) -> float:
+    """Cores' worth of CPU time that other processes used during `seconds` (this one sleeps meanwhile), in
+    physical cores: the machine's busy fraction times its physical core count."""
+    before, own_before = psutil.cpu_times(), time.process_time()
+    time.sleep(seconds)
+    after, own = psutil.cpu_times(), time.process_time() - own_before
+    busy = sum(after) - after.idle - getattr(after, "iowait", 0.0) - (sum(before) - before.idle
+                                                                     - getattr(before, "iowait", 0.0))
+    total = sum(after) - sum(before)
+    if total <= 0:
+        return 0.0
+    logical = psutil.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    return max(0.0, (busy - own) / total) * physical
 
 
 @contextmanager
