@@ -200,6 +200,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     checkpointer.before_save = logger.flush  # the logs up to a checkpoint reach the disk before it
     guard = NonFiniteGuard(ctx, params, meter)
     instruments = Instruments(cfg, ctx, model, optimizer, data, logger, steps_per_epoch)  # spine/instruments
+    checkpointer.attach(instruments)  # their state (the noise scale's averages) is saved and resumed with the run
     t_start, samples_trained, train_seconds, stopped = now(), 0, 0.0, None
 
     while state.epoch < cfg.epochs and not stopped:

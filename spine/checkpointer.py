@@ -13,6 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,12 @@ from spine.optim import LRSchedule
 from spine.state import TrainState
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class Checkpointer:
     def __init__(self, cfg: Config, ctx: DistContext, dataset_fingerprint: str, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: LRSchedule,
@@ -38,6 +45,8 @@ class Checkpointer:
         self.folder = cfg.checkpoint_dir()
         self.before_save: Callable[[], None] = lambda: None  # e.g. flush the logs, so a resume leaves no gap
         self.last_save = time.perf_counter()
+        self.instruments: Stateful | None = None  # attach(): built after the restore, saved with the run
+        self._saved_instruments: dict = {}  # this rank's part of the resumed checkpoint, until attach()
 
     # --- restore ------------------------------------------------------------------------------------------------
 
@@ -131,6 +140,8 @@ class Checkpointer:
         if self.scaler is not None:
             self.scaler.load_state_dict(saved["scaler"])
         self.state.load_state_dict(saved["progress"])
+        instruments = saved.get("instruments") or [{}]  # checkpoints from before the instruments: none
+        self._saved_instruments = instruments[ctx.rank if saved["world_size"] == ctx.world_size else 0]
         if saved["world_size"] == ctx.world_size:  # every rank continues its own partial epoch and RNG stream
             self.meter.load_state_dict(saved["meter"][ctx.rank], ctx.device)
             ckpt.set_rng_state(saved["rng"][ctx.rank])
@@ -138,6 +149,13 @@ class Checkpointer:
             merged = EpochMeter.merge(saved["meter"])
             self.meter.load_state_dict(merged if ctx.is_main else EpochMeter().state_dict(), ctx.device)
             torch.manual_seed(self.cfg.seed * 1000 + 1 + ctx.rank)
+
+    def attach(self, instruments: Stateful) -> None:
+        """Instruments with state of their own (the noise scale's averages): into every checkpoint from now on,
+        and the resumed checkpoint's state into them now."""
+        self.instruments = instruments
+        instruments.load_state_dict(self._saved_instruments)
+        self._saved_instruments = {}
 
     # --- save ---------------------------------------------------------------------------------------------------
 
@@ -152,12 +170,13 @@ class Checkpointer:
         ctx, state = self.ctx, self.state
         rng = gather_objects(ckpt.rng_state(), ctx)
         meters = gather_objects(self.meter.state_dict(), ctx)
+        instruments = gather_objects(self.instruments.state_dict() if self.instruments else {}, ctx)
         failure = None
         if ctx.is_main:
             blob = {
                 "format": ckpt.FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "progress": state.state_dict(), "meter": meters, "rng": rng,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "instruments": instruments,
                 "config": self.cfg.to_dict(), "world_size": ctx.world_size,
                 "dataset_fingerprint": self.dataset_fingerprint, "torch_version": str(torch.__version__),
             }

@@ -21,6 +21,12 @@ ALL_ON = ["--layer-stats", "--sharpness-every", "10", "--histograms-every", "2"]
 
 world2_run("instruments-off", COMMON)
 world2_run("instruments-on", COMMON + ALL_ON + ["--noise-scale", "--noise-scale-every", "1"])
+# Logged (and flushed) every 7 steps: the 3-epoch run's last checkpoint, step 30, holds a flush still in flight
+# (started at step 28) and two unflushed steps.
+NOISE2 = ["--seed", "3", "--batch-size", "8", "--noise-scale", "--noise-scale-every", "1", "--log-every", "7"]
+world2_run("noise-straight", NOISE2 + ["--epochs", "6"])
+world2_run("noise-first", NOISE2 + ["--epochs", "3"], "noise-split")
+world2_run("noise-second", NOISE2 + ["--epochs", "6", "--resume", "auto"], "noise-split")
 
 
 def _weights(record) -> str:
@@ -105,6 +111,39 @@ def test_noise_scale_at_world1_with_accumulation_changes_no_weight_at_any_cadenc
     assert logged_at == {None: [10, 20, 30, 40, 50, 60], "1": [10, 20, 30, 40, 50, 60], "30": [30, 60]}
     default, every_step = (runs[k].summary["instruments"]["noise_scale"]["g2"] for k in (None, "1"))
     assert default != every_step  # one step measured per flush against ten
+
+
+def test_noise_scale_resumes_exactly_from_a_mid_interval_checkpoint(tmp_path):
+    """Every step measured, flushed every 10: a checkpoint at step 27 holds 7 unflushed steps and the averages so
+    far; resumed from it, the run ends with the noise scale of the uninterrupted run, bit for bit."""
+    args = ["--epochs", "6", "--seed", "3", "--batch-size", "8", "--grad-accum-steps", "2", "--noise-scale",
+            "--noise-scale-every", "1"]
+    full = run_train(tmp_path, args + ["--checkpoint-every-steps", "27", "--keep-checkpoints", "10"], name="full")
+    assert full.returncode == 0, full.output
+    mid = full.ckpt_dir / "step-00000027.pt"
+    saved = torch.load(mid, weights_only=True)["instruments"][0]["noise_scale"]
+    assert saved["source"] and saved["source"][0][4] == 14  # steps 21-27, 2 micro-batches each, not yet flushed
+    resumed = run_train(tmp_path, args + ["--resume", str(mid)], name="resumed")
+    assert resumed.returncode == 0, resumed.output
+    assert resumed.summary["instruments"]["noise_scale"] == full.summary["instruments"]["noise_scale"]
+    assert _weights(resumed) == _weights(full)
+    # Not vacuous: a resume that forgot the unflushed sums ends elsewhere.
+    blob = torch.load(mid, weights_only=True)
+    blob["instruments"][0]["noise_scale"]["source"] = []
+    forgetful = tmp_path / "forgetful.pt"
+    torch.save(blob, forgetful)
+    forgot = run_train(tmp_path, args + ["--resume", str(forgetful)], name="forgot")
+    assert forgot.returncode == 0, forgot.output
+    assert forgot.summary["instruments"]["noise_scale"] != full.summary["instruments"]["noise_scale"]
+
+
+@pytest.mark.distributed
+def test_world2_noise_scale_resumes_exactly_with_a_flush_in_flight(world2):
+    straight, first, second = world2["noise-straight"], world2["noise-first"], world2["noise-second"]
+    assert straight.returncode == first.returncode == second.returncode == 0, second.output
+    assert "resumed from" in second.stdout
+    assert second.summary["instruments"]["noise_scale"] == straight.summary["instruments"]["noise_scale"]
+    assert _weights(second) == _weights(straight)
 
 
 @pytest.mark.distributed

@@ -51,7 +51,8 @@ def test_busy_cores_sees_other_processes_and_a_large_step_leaves_their_cores_out
     with spinners(physical):
         during = busy_cores(0.5)
         threads = default_threads(1, LARGE, probe_seconds=0.5)
-    assert during > before + 0.5, (before, during)
+    # More busy than before by half a core at least, or the machine saturated (it may have been busy already).
+    assert during > min(before + 0.5, physical - 0.2), (before, during)
     assert during <= physical + 0.01
     assert threads == 1, f"every core was busy, yet {threads} threads (busy {during:.2f} of {physical})"
 

@@ -151,6 +151,26 @@ class Instruments:
                 "sharpness": self.sharpness if self.sharpness_every else None,
                 "noise_scale": self.noise_estimate.result() if self.noise_estimate else None}
 
+    def state_dict(self) -> dict:
+        """This rank's part of a checkpoint: the noise scale's smoothed estimates (the same on every rank) and
+        the sums its source holds for the next flush (this rank's own). Every rank calls it at the same step
+        (Checkpointer.save); the flush started last is completed first, as the next flush would have done."""
+        if self.noise is None:
+            return {}
+        self._log_noise(self.noise_flush.finish())
+        return {"noise_scale": {"estimator": self.noise_estimate.state_dict(), "source": self.noise.state_dict(),
+                                "world_size": self.ctx.world_size}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resume: continue the noise scale's estimates, and its unflushed sums if the world size is the same
+        (another world size measures other batch sizes: those sums are dropped)."""
+        saved = state.get("noise_scale")
+        if self.noise is None or not saved:
+            return
+        self.noise_estimate.load_state_dict(saved["estimator"])
+        if saved["world_size"] == self.ctx.world_size:
+            self.noise.load_state_dict(saved["source"], self.ctx.device)
+
     def close(self) -> None:
         if self.layer_stats:
             self.layer_stats.remove()

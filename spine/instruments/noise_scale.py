@@ -162,6 +162,20 @@ class _StepEstimates:
         sums = self.take_sums(device)
         return mean_estimates(all_reduce(sums) if all_reduce is not None else sums)
 
+    def state_dict(self) -> list[list[float]]:
+        """The sums not yet flushed, per pair of batch sizes, as plain numbers (a host read): with the
+        estimator's state, what a resume needs to continue exactly. Call between steps."""
+        return [[b_small, b_big, run.small.item(), run.big.item(), run.count]
+                for (b_small, b_big), run in self._runs.items()]
+
+    def load_state_dict(self, state: list[list[float]], device: torch.device) -> None:
+        self._runs = {}
+        for b_small, b_big, small, big, count in state:
+            run = self._run(int(b_small), int(b_big), device)
+            run.small.fill_(small)
+            run.big.fill_(big)
+            run.count = int(count)
+
     def take_sums(self, device: torch.device | None = None) -> torch.Tensor:
         """This rank's (sum of |G|^2 estimates, sum of tr(Sigma) estimates, count) since the last take, as one
         float64 tensor on the device (no host sync), and start afresh. Summed over ranks, mean_estimates()
