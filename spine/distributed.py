@@ -128,17 +128,17 @@ def default_threads(local_world_size: int, macs_per_step: int, probe_seconds: fl
 def busy_cores(seconds: float) -> float:
     """Cores' worth of CPU time that other processes used during `seconds` (this one sleeps meanwhile), in
     physical cores: the machine's busy fraction times its physical core count."""
+    def used(t) -> float:  # CPU seconds not spent idle, summed over the CPUs
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
     before, own_before = psutil.cpu_times(), time.process_time()
     time.sleep(seconds)
     after, own = psutil.cpu_times(), time.process_time() - own_before
-    busy = sum(after) - after.idle - getattr(after, "iowait", 0.0) - (sum(before) - before.idle
-                                                                     - getattr(before, "iowait", 0.0))
     total = sum(after) - sum(before)
     if total <= 0:
         return 0.0
-    logical = psutil.cpu_count() or 1
-    physical = psutil.cpu_count(logical=False) or logical
-    return max(0.0, (busy - own) / total) * physical
+    physical = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    return max(0.0, (used(after) - used(before) - own) / total) * physical
 
 
 @contextmanager

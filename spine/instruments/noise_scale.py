@@ -19,8 +19,8 @@ Two sources of the two batch sizes come for almost nothing in the loop:
   small batch, the step's accumulated gradient the big one.
 
 Both keep the squared norms summed on the device (one or two in-place adds per step, no host sync) and hand
-the estimates over with `collect(all_reduce)`, one all-reduce of three numbers, at the loop's logging cadence,
-between steps.
+the estimates over at the loop's logging cadence, between steps: one all-reduce of three numbers, blocking with
+`collect(all_reduce)` or, as the loop does, started at one flush and read at the next (DeferredFlush).
 
 Squared norms are of the gradient as the loop computes it: before clipping. Under fp16 the hooks would see
 gradients still multiplied by the loss scale, which is why --noise-scale refuses --precision fp16.
@@ -210,7 +210,7 @@ class DDPGradNoise(_StepEstimates):
         for each micro-batch:  with noise.backward(): loss.backward()     # under no_sync but the last
         grad_norm = get_total_norm(...)                                   # the loop has it, before clipping
         noise.step_done(grad_norm, b_small=len(idx), b_big=len(idx) * world)   # two in-place adds, no sync
-        every log_every steps, on every rank: noise.flush_into(estimator, all_reduce_sum)
+        every log_every steps, on every rank: noise.flush_into(estimator, all_reduce_sum)  # or DeferredFlush
 
     Why the hooks see the local gradient: DDP (with gradient_as_bucket_view off, its default) copies each
     .grad into a bucket and all-reduces the bucket; only when the backward ends does it copy the averaged
@@ -220,9 +220,10 @@ class DDPGradNoise(_StepEstimates):
     one's stays. len(idx) is that per-rank step batch (micro-batch x accumulation steps).
 
     Cost: nothing on a step that is not measured. The hooks exist only inside a measured backward, and DDP's
-    own C++ reduction is never replaced (an earlier version used a Python communication hook, which cost
-    ~9% of every world-2 step of the bench's small MLP). A measured backward pays one Python call and one
-    dot product per parameter tensor; the loop measures the steps whose grad norm it computes anyway.
+    own C++ reduction is never replaced (an earlier version used a Python communication hook on every step;
+    `python -m spine.instruments.cost` times torch's own Python averaging hook beside plain DDP). A measured
+    backward pays one Python call and one dot product per parameter tensor; the loop measures the steps whose
+    grad norm it computes anyway.
     """
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
@@ -244,6 +245,7 @@ class DDPGradNoise(_StepEstimates):
         if not self.measure:
             yield
             return
+        self._pending, self._complete = None, False  # a later backward of the step supersedes an earlier one
         handles = self._register_hooks()
         try:
             yield
@@ -251,8 +253,8 @@ class DDPGradNoise(_StepEstimates):
         finally:
             self._remove_hooks(handles)
 
+    # Registration and removal are methods of their own so make bench can clock them (launch/bench_worker.py).
     def _register_hooks(self) -> list[RemovableHandle]:
-        self._pending, self._complete = None, False  # a later backward of the step supersedes an earlier one
         return [p.register_post_accumulate_grad_hook(self._see) for p in self.params]
 
     def _remove_hooks(self, handles: list[RemovableHandle]) -> None:
@@ -284,7 +286,7 @@ class MicroBatchGradNoise(_StepEstimates):
     the micro-batch's own mean gradient; the weight is divided back out (and gives the step's size).
 
     In the loop:
-        noise = MicroBatchGradNoise(model.parameters())                    # once; noise.remove() at the end
+        noise = MicroBatchGradNoise(model.parameters())                    # once; `measure` set per step
         for micro ...:
             with noise.micro_batch(weight=len(micro_idx) / len(idx), size=len(micro_idx)):
                 loss.backward()
@@ -292,12 +294,12 @@ class MicroBatchGradNoise(_StepEstimates):
         noise.step_done(grad_norm)                                         # one in-place add, no sync
         every log_every steps: noise.flush_into(estimator)
 
-    Only backwards inside micro_batch() are measured (the hooks also see torch.autograd.grad calls, e.g. the
-    sharpness instrument's, which must not count). A step of one micro-batch (k = 1) has no second batch
-    size and adds nothing.
+    The hooks exist only inside a measured micro_batch(), so no other backward is seen (the sharpness
+    instrument's torch.autograd.grad calls must not count). A step of one micro-batch (k = 1) has no second
+    batch size and adds nothing.
 
     Cost: per measured micro-batch, a sum of squares of its gradients (dot products) and one in-place add;
-    the hooks on the other backwards only test a flag. `measure` says whether the coming step is measured.
+    nothing on a step that is not measured.
     """
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
@@ -352,9 +354,9 @@ class DeferredFlush:
 
     Each flush() takes this interval's sums, starts their all-reduce and completes the previous flush's, so the
     estimator runs one logging interval behind; finish() completes the last. A blocking all-reduce of the three
-    numbers cost ~1.2 ms per flush at world 2 (each rank waits for the slower one and for the round trip): 6% of
-    the bench's world-2 run, measured. Started in the same order on every rank, the all-reduces pair up as any
-    collective does. At world 1 (no process group) a flush completes at once.
+    numbers made each rank wait, at every flush, for the slower rank and the round trip: before this, the
+    largest part of the instrument's own time in make bench's world-2 case. Started in the same order on every
+    rank, the all-reduces pair up as any collective does. At world 1 (no process group) a flush completes at once.
 
         flush = DeferredFlush(source, estimator, device)
         every log_every steps, on every rank:   done_at = flush.flush(step)    # a step whose estimate came in
