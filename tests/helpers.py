@@ -35,6 +35,19 @@ def run_train(tmp: Path, args: list[str], world: int = 1, name: str = "run", tim
                cwd=tmp, timeout=timeout)
 
 
+def assert_ddp_matches_single_process(ddp: RunRecord, single: RunRecord, steps: int, tolerance: dict) -> None:
+    """A DDP run against one process on the same global batch: both ran `steps` steps, their weights agree within
+    `tolerance` (torch.testing.assert_close's rtol/atol), and DDP's replicas are bitwise identical."""
+    assert ddp.returncode == 0, ddp.output
+    assert single.returncode == 0, single.output
+    assert ddp.summary["global_step"] == single.summary["global_step"] == steps
+    a, b = ddp.weights(), single.weights()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], **tolerance, msg=name)
+    checksums = ddp.summary["replica_checksums"]  # DDP applies the same averaged gradient on every rank
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

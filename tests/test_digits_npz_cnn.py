@@ -27,7 +27,7 @@ from spine.errors import UsageError
 from spine.guard import NonFiniteGuard
 from spine.metrics import EpochMeter
 from spine.precision import Precision, autocast_runs
-from tests.helpers import run_train, world2_run
+from tests.helpers import assert_ddp_matches_single_process, run_train, world2_run
 
 # ---------------------------------------------------------------- digits
 
@@ -577,13 +577,7 @@ def test_a_compile_failure_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch)
 def test_digits_cnn_world2_equals_world1_at_the_same_global_batch_without_batchnorm(tmp_path, world2):
     ddp = world2["digits-cnn"]
     single = _train(tmp_path, SMALL + ["--batch-size", "32"], name="single")
-    assert ddp.returncode == 0, ddp.output
-    assert ddp.summary["global_step"] == single.summary["global_step"] == 30
-    a, b = ddp.weights(), single.weights()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], **DDP_TOLERANCE, msg=name)
-    checksums = ddp.summary["replica_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert_ddp_matches_single_process(ddp, single, 30, DDP_TOLERANCE)
 
 
 @pytest.mark.distributed
