@@ -117,7 +117,8 @@ class Config:
     # system
     device: str = flag("auto", "system", "auto = cuda when available; the backend follows (nccl on cuda, gloo on "
                        "cpu)", choices=("auto", "cpu", "cuda"))
-    threads: int = flag(0, "system", "CPU threads per rank; 0 = physical cores // ranks on this node",
+    threads: int = flag(0, "system", "CPU threads per rank; 0 = automatic: 1 for a small step, else the rank's share "
+                        "of the node's physical cores (alone on the node: the idle ones, sampled at start)",
                         check=(lambda v: v >= 0, "must be >= 0 (0 = automatic)"))
     precision: str = flag("fp32", "system", "fp32, or bf16 / fp16 through torch.autocast (fp16 with a GradScaler)",
                           choices=PRECISIONS)
