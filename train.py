@@ -23,14 +23,13 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.nn.utils import get_total_norm
 from torch.utils.data import DistributedSampler
 
 from data import SplitDataset, build_dataset, fingerprint
@@ -40,6 +39,7 @@ from spine.checkpointer import Checkpointer
 from spine.compiler import compiled, failure_line
 from spine.config import Config, parse_config, to_toml
 from spine.distributed import (
+    NO_CONTEXT,
     DistContext,
     all_reduce_sum,
     broadcast_buffers,
@@ -57,7 +57,7 @@ from spine.guard import NonFiniteGuard
 from spine.instruments.loop import Instruments
 from spine.instruments.lr_find import LR_FIND_RULE, LRRangeTest, plot_lr_range
 from spine.logger import RunLogger, now
-from spine.metrics import EpochMeter
+from spine.metrics import EpochMeter, GradNorm
 from spine.optim import build_optimizer, build_scheduler
 from spine.precision import Precision
 from spine.state import TrainState
@@ -127,10 +127,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContex
 
 def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDataset, idx: torch.Tensor,
                      micro_batch: int, amp: Precision | None = None,
-                     measure: Callable[[int, int], AbstractContextManager] = lambda *_: nullcontext(),
+                     measure: Callable[[int, int], AbstractContextManager] = lambda *_: NO_CONTEXT,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's gradients into .grad, from this rank's samples `idx`: the step's per-sample loss, and its
-    predicted classes with their labels (compared once per epoch: an accuracy per step costs ~4% of a small step).
+    """One step's gradients into .grad, from this rank's samples `idx`: the step's mean loss, and its logits with
+    their labels, detached (the meter takes the predicted classes of many steps in one argmax, once per epoch).
 
     Gradient accumulation: the step's batch is cut into micro-batches of `micro_batch` whose gradients add up in
     .grad; only the last one's backward all-reduces. With one micro-batch it is one plain, synchronised batch.
@@ -139,7 +139,7 @@ def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDatase
     """
     amp = amp or Precision("fp32", idx.device)  # fp32: plain forward, backward and (in the loop) step
     micro_batches = idx.split(micro_batch) if idx.shape[0] > micro_batch else (idx,)
-    step_loss, predicted = None, []
+    step_loss, step_logits = None, []
     for i, micro_idx in enumerate(micro_batches):
         x, y = data.train_x[micro_idx], data.train_y[micro_idx]
         with grad_sync(ddp_model, sync=i == len(micro_batches) - 1):  # no_sync() unless the last: forward AND backward
@@ -151,13 +151,13 @@ def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDatase
             with measure(len(micro_idx), len(idx)):
                 amp.backward(loss)  # loss.backward() (scaled under fp16); under DDP, all-reduced as gradients appear
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-        predicted.append(logits.detach().argmax(1))
+        step_logits.append(logits.detach())
     amp.unscale()  # fp16: divide .grad by the loss scale, so the grad norm and clipping see the true gradients
     if loss_fn.reduction == "sum":  # --break sum-loss: the loss stepped on is a sum, the one logged stays a mean
         step_loss = step_loss / len(idx)
     if len(micro_batches) == 1:
-        return step_loss, predicted[0], y
-    return step_loss, torch.cat(predicted), data.train_y[idx]
+        return step_loss, step_logits[0], y
+    return step_loss, torch.cat(step_logits), data.train_y[idx]
 
 
 def train(cfg: Config, ctx: DistContext) -> dict:
@@ -185,6 +185,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     steps_per_epoch = math.ceil(len(sampler) / step_batch)
     scheduler = build_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.schedule, cfg.warmup_steps)
     params = list(model.parameters())
+    total_grad_norm = GradNorm(params)  # torch.nn.utils.get_total_norm's arithmetic, with less Python per call
 
     state, meter = TrainState(), EpochMeter()
     checkpointer = Checkpointer(cfg, ctx, data.fingerprint, model, optimizer, scheduler, state, meter, amp.scaler)
@@ -217,11 +218,11 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             step = state.global_step + 1
             logged = step % cfg.log_every == 0  # this step's scalars go to TensorBoard
             instruments.step_start(step)  # guards: train mode, .grad cleared; sharpness and layer hooks when due
-            loss, preds, labels = forward_backward(ddp_model, loss_fn, data, idx, cfg.batch_size, amp,
+            loss, logits, labels = forward_backward(ddp_model, loss_fn, data, idx, cfg.batch_size, amp,
                                                    instruments.backward)
             # The total norm costs ~8% of a small step: measured on logged steps, and on every step to clip.
             need_norm = logged or cfg.grad_clip or instruments.needs_grad_norm
-            grad_norm = get_total_norm([p.grad for p in params if p.grad is not None]) if need_norm else None
+            grad_norm = total_grad_norm() if need_norm else None
             instruments.before_update(step, grad_norm, len(idx))
             if cfg.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
@@ -231,7 +232,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()  # the lr for the next step
             instruments.after_update(step)
-            meter.record(loss, preds, labels, grad_norm, skipped)  # stays on the device: no host sync here
+            meter.record(loss, logits, labels, grad_norm, skipped)  # stays on the device: no host sync here
             state.step_in_epoch, state.global_step = position + 1, step
             if logged:  # the only host syncs inside an epoch
                 if stopped := guard.check_steps(state.global_step):

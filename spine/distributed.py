@@ -219,15 +219,20 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buf, src=0)
 
 
+NO_CONTEXT = nullcontext()  # reusable: one object instead of a new one on every step
+
+
 def grad_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
     """Context for one forward + backward: DDP all-reduces the gradients only if `sync`.
 
     `no_sync()` must cover the forward too, or DDP still prepares the all-reduce.
     Without DDP (world 1) there is nothing to skip.
     """
+    if sync:
+        return NO_CONTEXT
     model = getattr(model, "_orig_mod", model)  # --compile: the DDP module inside torch.compile's wrapper
-    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return nullcontext()
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return NO_CONTEXT
     return model.no_sync()
 
 

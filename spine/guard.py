@@ -54,9 +54,9 @@ class NonFiniteGuard:
         return problem
 
     def _check(self, global_step: int, with_params: bool) -> str | None:
-        flag = self.meter.any_bad(self.checked).double()  # 1: a step; +2: the weights
+        flag = float(self.meter.any_bad(self.checked))  # 1: a step; +2: the weights
         if with_params:
-            flag = flag + 2 * (~torch.stack([torch.isfinite(p).all() for p in self.params]).all()).double()
+            flag += 2.0 * (not torch.stack([torch.isfinite(p).all() for p in self.params]).all().item())
         flags = self._per_rank(flag)
         problem = self._locate(global_step) if any(f % 2 for f in flags) else None
         self.checked = len(self.meter)
@@ -66,9 +66,12 @@ class NonFiniteGuard:
 
     def _locate(self, global_step: int) -> str | None:
         """Second collective, failure path only: every rank's first bad step since the last check."""
-        return non_finite_message(self._per_rank(self.meter.first_bad_step(self.checked, global_step)))
+        return non_finite_message(self._per_rank(self.meter.first_bad_step(self.checked, global_step).item()))
 
-    def _per_rank(self, value: torch.Tensor) -> list[float]:
+    def _per_rank(self, value: float) -> list[float]:
+        """Every rank's `value`, in rank order: one small all-reduce (none at world 1)."""
+        if self.ctx.world_size == 1:
+            return [value]
         slots = torch.zeros(self.ctx.world_size, dtype=torch.float64, device=self.ctx.device)
         slots[self.ctx.rank] = value
         return all_reduce_sum(slots).tolist()

@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from spine.distributed import NO_CONTEXT
 from spine.errors import UsageError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,7 +56,7 @@ class Precision:
     def autocast(self) -> contextlib.AbstractContextManager:
         """Forward passes (and the loss) in the reduced precision; a no-op at fp32."""
         if self.dtype is None:
-            return contextlib.nullcontext()
+            return NO_CONTEXT
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -479,14 +479,14 @@ def test_a_step_the_fp16_scaler_skips_is_not_a_divergence_but_a_non_finite_loss_
     skipped = amp.step()
     assert skipped and amp.scaler.get_scale() < 1e38
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # nothing applied
-    meter.record(loss.detach(), torch.zeros(8, dtype=torch.long), y, norm, skipped)
+    meter.record(loss.detach(), torch.zeros(8, 2), y, norm, skipped)
     assert guard.check_steps(1) is None and guard.check_before_save(1) is None  # a skip, not a divergence
     totals = meter.end_of_epoch(_one_step_ctx(), 0, "0" * 16, False)
     assert totals.bad == [0.0] and totals.skipped_steps == 1
     # The same non-finite gradient on a step that was NOT skipped is a divergence, and so is a non-finite loss.
-    meter.record(loss.detach(), torch.zeros(8, dtype=torch.long), y, norm, False)
+    meter.record(loss.detach(), torch.zeros(8, 2), y, norm, False)
     assert guard.check_steps(2) == "non-finite gradient at step 2 on rank 0"
-    meter.record(torch.tensor(float("nan")), torch.zeros(8, dtype=torch.long), y, None, True)
+    meter.record(torch.tensor(float("nan")), torch.zeros(8, 2), y, None, True)
     assert guard.check_steps(3) == "non-finite loss at step 3 on rank 0"
 
 

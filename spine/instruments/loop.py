@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spine.distributed import DistContext, all_reduce_sum
+from spine.distributed import NO_CONTEXT, DistContext, all_reduce_sum
 from spine.instruments.guards import Guards
 from spine.instruments.layer_stats import LayerStats
 from spine.instruments.noise_scale import DDPGradNoise, DeferredFlush, MicroBatchGradNoise, NoiseScaleEstimator
@@ -94,7 +94,7 @@ class Instruments:
             return self.noise.micro_batch(weight=micro_batch / step_batch, size=micro_batch)
         if isinstance(self.noise, DDPGradNoise):
             return self.noise.backward()
-        return contextlib.nullcontext()
+        return NO_CONTEXT
 
     def before_update(self, step: int, grad_norm: torch.Tensor | None, step_batch: int) -> None:
         """After the step's last backward and its grad norm, before clipping and optimizer.step()."""
