@@ -220,7 +220,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             instruments.step_start(step)  # guards: train mode, .grad cleared; sharpness and layer hooks when due
             loss, logits, labels = forward_backward(ddp_model, loss_fn, data, idx, cfg.batch_size, amp,
                                                    instruments.backward)
-            # The total norm costs ~8% of a small step: measured on logged steps, and on every step to clip.
+            # The total norm is several kernels: measured on logged steps, and on every step to clip.
             need_norm = logged or cfg.grad_clip or instruments.needs_grad_norm
             grad_norm = total_grad_norm() if need_norm else None
             instruments.before_update(step, grad_norm, len(idx))

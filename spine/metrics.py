@@ -52,8 +52,8 @@ class EpochMeter:
     measured it (train.py measures it on logged steps, and on every step when clipping). A step restored from a
     checkpoint carries its correct count instead of its logits.
 
-    The predicted classes are taken in batches, not per step: an argmax is a kernel launch (~5 µs, about 1% of a
-    small step), and one argmax over many steps' logits costs little more than one over a single step's. The logits
+    The predicted classes are taken in batches, not per step: each argmax is a kernel launch, and one argmax over
+    many steps' logits costs little more than one over a single step's. The logits
     are held until they reach LOGITS_HELD elements (or the epoch's totals, or a checkpoint, need them), then reduced
     to predicted classes: the memory held stays bounded whatever the number of classes."""
 
