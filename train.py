@@ -98,18 +98,22 @@ class Validation:
 
     @torch.no_grad()  # no autograd graph: validation must not build one, nor touch .grad
     def sums(self, model: nn.Module) -> torch.Tensor:
-        """This rank's (loss sum, correct, count) over its shard."""
+        """This rank's (loss sum, correct, count) over its shard, in float64 (counts are exact in it)."""
         if self.bug != "no-eval-mode":
             model.eval()  # dropout off, BatchNorm uses (and no longer updates) its running statistics
-        totals = torch.zeros(3, dtype=torch.float64, device=self.x.device)
+        loss_sums, corrects = [], []
         for start in range(0, len(self.shard), self.batch_size):
             idx = self.shard[start:start + self.batch_size]
+            y = self.y[idx]
             with self.amp.autocast():
                 logits = model(self.x[idx])
-            totals[0] += F.cross_entropy(logits, self.y[idx], reduction="none").double().sum()
-            totals[1] += (logits.argmax(1) == self.y[idx]).sum()
-            totals[2] += len(idx)
-        return totals
+            loss_sums.append(F.cross_entropy(logits, y, reduction="none").double().sum())
+            corrects.append((logits.argmax(1) == y).sum())
+        if not loss_sums:  # more ranks than validation samples: this rank's shard is empty
+            return torch.zeros(3, dtype=torch.float64, device=self.x.device)
+        # Added in batch order, as a running total would be; `totals[i] += v` would cost three tensor ops each.
+        count = torch.tensor(float(len(self.shard)), dtype=torch.float64, device=self.x.device)
+        return torch.stack([sum(loss_sums[1:], loss_sums[0]), sum(corrects[1:], corrects[0]).double(), count])
 
     def metrics(self, local: torch.Tensor, reduced: list[float]) -> tuple[float, float]:
         """(loss, accuracy) from the sums reduced over every rank (`local` is this rank's own)."""
@@ -138,23 +142,25 @@ def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDatase
     `measure(micro, step)` wraps each backward (an instrument's context: the noise scale's micro-batch gradient).
     """
     amp = amp or Precision("fp32", idx.device)  # fp32: plain forward, backward and (in the loop) step
-    micro_batches = idx.split(micro_batch) if idx.shape[0] > micro_batch else (idx,)
+    step_size = idx.shape[0]
+    micro_batches = idx.split(micro_batch) if step_size > micro_batch else (idx,)
     step_loss, step_logits = None, []
     for i, micro_idx in enumerate(micro_batches):
         x, y = data.train_x[micro_idx], data.train_y[micro_idx]
+        micro_size = x.shape[0]
         with grad_sync(ddp_model, sync=i == len(micro_batches) - 1):  # no_sync() unless the last: forward AND backward
             with amp.autocast():  # --precision bf16/fp16; a no-op at fp32
                 logits = ddp_model(x)  # forward
                 loss = loss_fn(logits, y)  # mean over this rank's batch; DDP's averaging makes it the global mean
             if len(micro_batches) > 1:  # weighted by its share of the step's samples: .grad sums to the step's mean
-                loss = loss * (len(micro_idx) / len(idx))
-            with measure(len(micro_idx), len(idx)):
+                loss = loss * (micro_size / step_size)
+            with measure(micro_size, step_size):
                 amp.backward(loss)  # loss.backward() (scaled under fp16); under DDP, all-reduced as gradients appear
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         step_logits.append(logits.detach())
     amp.unscale()  # fp16: divide .grad by the loss scale, so the grad norm and clipping see the true gradients
     if loss_fn.reduction == "sum":  # --break sum-loss: the loss stepped on is a sum, the one logged stays a mean
-        step_loss = step_loss / len(idx)
+        step_loss = step_loss / step_size
     if len(micro_batches) == 1:
         return step_loss, step_logits[0], y
     return step_loss, torch.cat(step_logits), data.train_y[idx]

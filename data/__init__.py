@@ -128,7 +128,7 @@ def fingerprint(*tensors: torch.Tensor) -> str:
     """Short content hash: equal on two ranks only if they built the same bytes."""
     digest = hashlib.sha256()
     for t in tensors:
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(t.numpy(force=True).tobytes())  # force: detached, on the CPU; tobytes: in C order
     return digest.hexdigest()[:16]
 
 

@@ -172,8 +172,9 @@ class EpochMeter:
         """
         world, rank, n = ctx.world_size, ctx.rank, len(self)
         correct = self._correct()
-        counts = self._to_host(([correct.sum().double()] if correct is not None else [])
-                               + ([torch.stack(self.restored_correct).sum().double()] if self.restored_correct else []))
+        counts = self._to_host(([correct.sum(dtype=torch.float64)] if correct is not None else [])
+                               + ([torch.stack(self.restored_correct).sum(dtype=torch.float64)]
+                                  if self.restored_correct else []))
         correct_total = sum(counts)
         losses, norms = self._losses_read, self._norms_read
         bad = float(self.any_bad(since))
