@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from spine.distributed import DistContext, all_reduce_sum
 from spine.metrics import EpochMeter
@@ -24,19 +25,44 @@ def non_finite_message(bad_steps: list[float]) -> str | None:
 
 class NonFiniteGuard:
     """The healthy path costs one small all-reduce of per-rank flags; only when a flag is up does a second
-    collective find the first bad step and its rank (every rank takes that path together: the flags are reduced)."""
+    collective find the first bad step and its rank (every rank takes that path together: the flags are reduced).
+
+    At world > 1 the all-reduce of `check_steps` is started at the check and read at the next one (or at the
+    epoch's end, or before a save, whichever comes first): a blocking one made every rank wait, at every
+    --log-every step, for the slowest rank and the round trip. The price is one interval: a run stops one
+    --log-every later than at world 1, at the same step on every rank, naming the same first bad step, and a
+    checkpoint is never written from unchecked steps (`check_before_save` waits for the answer)."""
 
     def __init__(self, ctx: DistContext, params: list[torch.nn.Parameter], meter: EpochMeter) -> None:
         self.ctx, self.params, self.meter = ctx, params, meter
-        self.checked = len(meter)  # steps of this epoch already checked (a mid-epoch resume starts past some)
+        self.checked = len(meter)  # steps of this epoch already checked or in a check (a resume starts past some)
+        # World > 1: (per-rank flags, the all-reduce's work, the first step index they cover), not read yet.
+        self._pending: tuple[torch.Tensor, object, int] | None = None
 
     def check_steps(self, global_step: int) -> str | None:
-        """Collective: the first non-finite loss or gradient since the last check, on any rank."""
-        return self._check(global_step, with_params=False)
+        """Collective: the first non-finite loss or gradient on any rank, since the last check (world 1) or up to
+        the previous check, whose answer this one reads (world > 1)."""
+        if self.ctx.world_size == 1:
+            return self._check(global_step, with_params=False)
+        if problem := self._read_pending(global_step):
+            return problem
+        flags = torch.zeros(self.ctx.world_size, dtype=torch.float64, device=self.ctx.device)
+        flags[self.ctx.rank] = float(self.meter.any_bad(self.checked))
+        self._pending = (flags, dist.all_reduce(flags, op=dist.ReduceOp.SUM, async_op=True), self.checked)
+        self.checked = len(self.meter)
+        return None
 
     def check_before_save(self, global_step: int) -> str | None:
-        """Collective: as check_steps, and the weights themselves, in the same all-reduce."""
-        return self._check(global_step, with_params=True)
+        """Collective: as check_steps, and the weights themselves, in the same all-reduce; answered now."""
+        return self._read_pending(global_step) or self._check(global_step, with_params=True)
+
+    def _read_pending(self, global_step: int) -> str | None:
+        """The answer of the check started earlier (world > 1), if one is out; every rank reads the same flags."""
+        if self._pending is None:
+            return None
+        (flags, work, since), self._pending = self._pending, None
+        work.wait()
+        return self._locate(since, global_step) if any(flags.tolist()) else None
 
     @staticmethod
     def check_validation(val_loss: float, epoch: int) -> str | None:
@@ -47,9 +73,9 @@ class NonFiniteGuard:
                 "checked step (--log-every 1 checks the gradient of every step)")
 
     def end_of_epoch(self, bad: list[float], global_step: int) -> str | None:
-        """The epoch's all-reduce carried the flags of its unchecked steps (`bad`, per rank); the next epoch starts
-        unchecked."""
-        problem = self._locate(global_step) if any(bad) else None
+        """The epoch's all-reduce carried the flags of its unchecked steps (`bad`, per rank); a check still out is
+        read first. The next epoch starts unchecked."""
+        problem = self._read_pending(global_step) or (self._locate(self.checked, global_step) if any(bad) else None)
         self.checked = 0
         return problem
 
@@ -58,15 +84,15 @@ class NonFiniteGuard:
         if with_params:
             flag += 2.0 * (not torch.stack([torch.isfinite(p).all() for p in self.params]).all().item())
         flags = self._per_rank(flag)
-        problem = self._locate(global_step) if any(f % 2 for f in flags) else None
+        problem = self._locate(self.checked, global_step) if any(f % 2 for f in flags) else None
         self.checked = len(self.meter)
         if problem is None and any(f >= 2 for f in flags):
             problem = f"non-finite parameters at step {global_step}"
         return problem
 
-    def _locate(self, global_step: int) -> str | None:
-        """Second collective, failure path only: every rank's first bad step since the last check."""
-        return non_finite_message(self._per_rank(self.meter.first_bad_step(self.checked, global_step).item()))
+    def _locate(self, since: int, global_step: int) -> str | None:
+        """Second collective, failure path only: every rank's first bad step from step index `since` on."""
+        return non_finite_message(self._per_rank(self.meter.first_bad_step(since, global_step).item()))
 
     def _per_rank(self, value: float) -> list[float]:
         """Every rank's `value`, in rank order: one small all-reduce (none at world 1)."""
