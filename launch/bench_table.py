@@ -80,6 +80,12 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
         row(f"checkpoints at the default cadence ({'/'.join(map(str, saves))} save(s) per run of "
             f"{CASES[name].epochs} epochs), % of the loop: {name}", spread([100 * v for v in share], "{:.1f}%"),
             f"≤ {CHECKPOINT_MAX:.0%}", verdict(share, CHECKPOINT_MAX, at_least=False))
+    for name in cases:  # no target: the cost of the collective non-finite stop, a default feature
+        runs = list(_by_repeat(rows, case=name, kind="train.py").values())
+        share = [r["guard_seconds"] / r["loop_seconds"] for r in runs if "guard_seconds" in r]
+        if share:
+            row(f"non-finite checks (every --log-every steps, each epoch's end, each save), rank 0's clock, % of the "
+                f"loop: {name}", spread([100 * v for v in share], "{:.1f}%"))
     for load in ("idle", "loaded"):
         for name in THREAD_CASES:
             one, every, default = (_by_repeat(rows, case=name, kind=f"threads {k}", load=load)

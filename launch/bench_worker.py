@@ -35,6 +35,7 @@ from launch.bench_loops import bare_loop, build_problem
 from spine import checkpoint as ckpt
 from spine.config import parse_config
 from spine.distributed import DistContext, barrier, distributed_session
+from spine.guard import NonFiniteGuard
 from spine.instruments.loop import Instruments
 from spine.instruments.noise_scale import DDPGradNoise
 from spine.logger import read_run
@@ -111,6 +112,13 @@ def checkpoint_clock() -> FunctionClock:
     return FunctionClock((ckpt, "save_checkpoint"))
 
 
+def guard_clock() -> FunctionClock:
+    """Rank 0's non-finite checks: at --log-every, at each epoch's end and before each save (the collectives
+    included, with any wait for the other rank)."""
+    return FunctionClock((NonFiniteGuard, "check_steps"), (NonFiniteGuard, "end_of_epoch"),
+                         (NonFiniteGuard, "check_before_save"))
+
+
 def noise_scale_clock() -> FunctionClock:
     """--noise-scale's own code at world 2: hooks registered and removed on a measured step, each hook call (a
     dot product), step_done, and after_update (the flush's all-reduce and the noise/* scalars; the other
@@ -136,6 +144,7 @@ def run_train_py(args: list[str], ctx: DistContext, scratch: Path, name: str,
             "steps": sum(e["step"] for e in epochs[-1:]) - epochs[0]["step"], "loop_seconds": summary["loop_seconds"],
             "first_loss": summary["first_step_loss"], "last_loss": summary["final"]["val_loss"],
             "checkpoint_seconds": clocks["checkpoint"].seconds, "checkpoints": clocks["checkpoint"].calls,
+            "guard_seconds": clocks["guard"].seconds,
             "noise_seconds": clocks["noise"].seconds, "noise_parts": dict(clocks["noise"].by_function)}
 
 
@@ -174,8 +183,8 @@ def main() -> int:
     case = CASES[opts.case]
     kinds = opts.kinds.split(",") if opts.kinds else list(case.kinds)
     epochs = opts.epochs or case.epochs
-    clocks = {"checkpoint": checkpoint_clock(), "noise": noise_scale_clock()}
-    with (distributed_session(opts.device, 1, 120.0) as ctx, clocks["checkpoint"],
+    clocks = {"checkpoint": checkpoint_clock(), "noise": noise_scale_clock(), "guard": guard_clock()}
+    with (distributed_session(opts.device, 1, 120.0) as ctx, clocks["checkpoint"], clocks["guard"],
           tempfile.TemporaryDirectory(prefix="bench-") as tmp):
         scratch = Path(tmp) / f"rank{ctx.rank}"
         scratch.mkdir()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from launch.bench_table import build_table
-from launch.bench_worker import CASES, checkpoint_clock, noise_scale_clock, run_kind
+from launch.bench_worker import CASES, checkpoint_clock, guard_clock, noise_scale_clock, run_kind
 from spine.distributed import distributed_session
 from spine.instruments.loop import Instruments
 
@@ -17,10 +17,10 @@ TINY = ["--hidden", "16", "--epochs", "3"]
 
 def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
     rows = []
-    clocks = {"checkpoint": checkpoint_clock(), "noise": noise_scale_clock()}
+    clocks = {"checkpoint": checkpoint_clock(), "noise": noise_scale_clock(), "guard": guard_clock()}
     # At world 1 the noise scale needs two micro-batches: 8 x 2 keeps 5 steps per epoch.
     flags = {"train.py noise-scale": ["--batch-size", "16", "--grad-accum-steps", "2"]}
-    with distributed_session("cpu", 1, 60.0) as ctx, clocks["checkpoint"]:
+    with distributed_session("cpu", 1, 60.0) as ctx, clocks["checkpoint"], clocks["guard"]:
         for kind in ("bare", "train.py", "train.py quiet", "train.py noise-scale"):
             r = run_kind(kind, TINY + flags.get(kind, []), ctx, tmp_path, clocks)
             assert r["seconds"] > 0 and r["steps"] == 10 and r["epochs"] == 2, (kind, r)  # 5 steps/epoch, 1st untimed
@@ -28,6 +28,7 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
             rows += [dict(r, case=case, world=CASES[case].world, kind=kind, repeat=0) for case in CASES]
         assert torch.get_num_threads() == 1
     assert all(r["checkpoints"] == 1 and r["checkpoint_seconds"] > 0 for r in rows if r["kind"] == "train.py")
+    assert all(r["guard_seconds"] > 0 for r in rows if r["kind"] == "train.py")  # every epoch's end is checked
     noise_runs = [r for r in rows if r["kind"] == "train.py noise-scale"]
     assert all(r["noise_seconds"] > 0 and "Instruments.after_update" in r["noise_parts"] for r in noise_runs)
     plain = next(r for r in rows if r["kind"] == "train.py")
@@ -44,7 +45,7 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
     text = "\n".join(table)
     for name in ("**train.py / bare loop with validation**", "ms per epoch", "TensorBoard + per-step scalars",
                  "checkpoints at the default cadence", "threads: default (2 of 2 cores)", "end to end",
-                 "--noise-scale at its default cadence", "--noise-scale, whole-run difference"):
+                 "--noise-scale at its default cadence", "--noise-scale, whole-run difference", "non-finite checks"):
         assert name in text, name
     assert table[2].startswith("| **train.py / bare loop with validation**")  # the first rows: the like-for-like ratios
     assert "n/a" not in text and "not measured" not in text
