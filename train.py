@@ -21,9 +21,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import dataclasses
 import json
 import math
+import operator
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from functools import reduce
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +115,7 @@ class Validation:
             return torch.zeros(3, dtype=torch.float64, device=self.x.device)
         # Added in batch order, as a running total would be; `totals[i] += v` would cost three tensor ops each.
         count = torch.tensor(float(len(self.shard)), dtype=torch.float64, device=self.x.device)
-        return torch.stack([sum(loss_sums[1:], loss_sums[0]), sum(corrects[1:], corrects[0]).double(), count])
+        return torch.stack([reduce(operator.add, loss_sums), reduce(operator.add, corrects).double(), count])
 
     def metrics(self, local: torch.Tensor, reduced: list[float]) -> tuple[float, float]:
         """(loss, accuracy) from the sums reduced over every rank (`local` is this rank's own)."""

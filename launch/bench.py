@@ -118,7 +118,7 @@ def machine() -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="reports/bench")
-    # 9, not 5: on a shared machine single repeats run 20% off; a median of 9 is unmoved by 4 such, of 5 by 2.
+    # 9, not 5: with up to 4 repeats far off to one side, a median of 9 still lies among the others' (of 5: up to 2).
     p.add_argument("--repeats", type=int, default=9, help="interleaved repeats per pair")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),

@@ -186,6 +186,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def start_all_reduce_sum(t: torch.Tensor) -> dist.Work:
+    """Starts an in-place sum over ranks and returns at once; `.wait()` on the result completes it. Every rank
+    must start it at the same point, as any collective."""
+    return dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -7,11 +7,12 @@ waiting in the next collective. Values stay on the device between checks: a chec
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from spine.distributed import DistContext, all_reduce_sum
+from spine.distributed import DistContext, all_reduce_sum, start_all_reduce_sum
 from spine.metrics import EpochMeter
 
 
@@ -23,21 +24,28 @@ def non_finite_message(bad_steps: list[float]) -> str | None:
     return f"non-finite {'gradient' if first % 1 else 'loss'} at step {int(first)} on rank {bad_steps.index(first)}"
 
 
+class PendingCheck(NamedTuple):
+    """A --log-every check at world > 1 whose all-reduce is under way."""
+
+    flags: torch.Tensor  # per rank, summed in place by the all-reduce
+    work: dist.Work
+    since: int  # the first step index (in this epoch's meter) it covers
+
+
 class NonFiniteGuard:
     """The healthy path costs one small all-reduce of per-rank flags; only when a flag is up does a second
     collective find the first bad step and its rank (every rank takes that path together: the flags are reduced).
 
     At world > 1 the all-reduce of `check_steps` is started at the check and read at the next one (or at the
-    epoch's end, or before a save, whichever comes first): a blocking one made every rank wait, at every
-    --log-every step, for the slowest rank and the round trip. The price is one interval: a run stops one
-    --log-every later than at world 1, at the same step on every rank, naming the same first bad step, and a
-    checkpoint is never written from unchecked steps (`check_before_save` waits for the answer)."""
+    epoch's end, or before a save, whichever comes first), so its round trip overlaps the steps in between instead
+    of being waited for on the logged step. The price is one interval: a run stops one --log-every later than at
+    world 1, at the same step on every rank, naming the same first bad step, and a checkpoint is never written
+    from unchecked steps (`check_before_save` reads the answer first)."""
 
     def __init__(self, ctx: DistContext, params: list[torch.nn.Parameter], meter: EpochMeter) -> None:
         self.ctx, self.params, self.meter = ctx, params, meter
         self.checked = len(meter)  # steps of this epoch already checked or in a check (a resume starts past some)
-        # World > 1: (per-rank flags, the all-reduce's work, the first step index they cover), not read yet.
-        self._pending: tuple[torch.Tensor, object, int] | None = None
+        self._pending: PendingCheck | None = None  # world > 1: the last check, not read yet
 
     def check_steps(self, global_step: int) -> str | None:
         """Collective: the first non-finite loss or gradient on any rank, since the last check (world 1) or up to
@@ -48,7 +56,7 @@ class NonFiniteGuard:
             return problem
         flags = torch.zeros(self.ctx.world_size, dtype=torch.float64, device=self.ctx.device)
         flags[self.ctx.rank] = float(self.meter.any_bad(self.checked))
-        self._pending = (flags, dist.all_reduce(flags, op=dist.ReduceOp.SUM, async_op=True), self.checked)
+        self._pending = PendingCheck(flags, start_all_reduce_sum(flags), self.checked)
         self.checked = len(self.meter)
         return None
 
@@ -60,9 +68,9 @@ class NonFiniteGuard:
         """The answer of the check started earlier (world > 1), if one is out; every rank reads the same flags."""
         if self._pending is None:
             return None
-        (flags, work, since), self._pending = self._pending, None
-        work.wait()
-        return self._locate(since, global_step) if any(flags.tolist()) else None
+        pending, self._pending = self._pending, None
+        pending.work.wait()
+        return self._locate(pending.since, global_step) if any(pending.flags.tolist()) else None
 
     @staticmethod
     def check_validation(val_loss: float, epoch: int) -> str | None:

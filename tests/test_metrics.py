@@ -58,3 +58,39 @@ def test_each_value_is_read_to_the_host_once_and_every_reader_sees_it():
     meter.record(torch.tensor(float("nan")), torch.zeros(6, 4), torch.zeros(6, dtype=torch.long), None)
     assert meter.any_bad(7) and not meter.any_bad(8)  # only the new step was read, and it is not finite
     assert len(meter._losses_read) == 8
+
+
+def test_validation_sums_equal_a_running_total_bit_for_bit_on_every_shard():
+    """Validation.sums adds its per-batch sums in batch order: the floats of `totals[i] += v`, batch by batch, on
+    each rank's shard of an odd-sized set at world 2, and on the shard --break padded-val pads."""
+    import torch.nn.functional as F
+
+    from spine import breaks
+    from spine.distributed import DistContext
+    from train import Validation
+
+    torch.manual_seed(1)
+    x, y = torch.randn(101, 3), torch.randint(0, 4, (101,))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+    def running_total(v: Validation) -> torch.Tensor:
+        totals = torch.zeros(3, dtype=torch.float64)
+        with torch.no_grad():
+            for start in range(0, len(v.shard), v.batch_size):
+                idx = v.shard[start:start + v.batch_size]
+                logits = model(x[idx])
+                totals[0] += F.cross_entropy(logits, y[idx], reduction="none").double().sum()
+                totals[1] += (logits.argmax(1) == y[idx]).sum()
+                totals[2] += len(idx)
+        return totals
+
+    for rank in (0, 1):  # no process group: DistributedSampler only needs the rank and the world size
+        ctx = DistContext(rank=rank, local_rank=rank, world_size=2, local_world_size=2, device=torch.device("cpu"),
+                          backend="gloo", threads=1)
+        plain = Validation(x, y, ctx, batch_size=7)
+        padded = breaks.padded_validation(breaks.Parts(model, model, None, None, None,
+                                                       Validation(x, y, ctx, batch_size=7)), ctx).validation
+        for v in (plain, padded):
+            assert len(v.shard) > 7  # several batches
+            assert torch.equal(v.sums(model), running_total(v))
+    assert len(padded.shard) == len(plain.shard) + 1  # rank 1 of 101 samples: one padding index

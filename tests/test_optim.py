@@ -43,3 +43,18 @@ def test_each_optimizer_reduces_a_quadratic(name):
         opt.step()
         opt.zero_grad()
     assert (w ** 2).sum().item() < 0.5 * start
+
+
+def test_a_constant_lr_is_set_through_warmup_and_then_left_alone():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer("sgd", [param], lr=0.1, momentum=0.0, weight_decay=0.0)
+    sched = build_scheduler(opt, total_steps=10, schedule="constant", warmup_steps=4)
+    seen = []
+    for _ in range(7):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [0.1 * f for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0)]  # the same floats as base x factor
+    opt.param_groups[0]["lr"] = 0.5  # past warmup, step() no longer writes the lr: the optimizer's value stands
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.5 and sched.last_epoch == 8
