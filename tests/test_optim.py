@@ -18,15 +18,21 @@ def test_cosine_goes_from_peak_to_zero_after_warmup():
     assert lr_factor(110, 110, "cosine", 10) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_scheduler_drives_the_optimizer_lr_per_step():
+def _lrs_stepped(schedule: str, warmup: int, steps: int) -> tuple[list[float], torch.optim.Optimizer, object]:
+    """The lr each of `steps` SGD steps ran at (peak 0.1, 10 steps in all), and the optimizer and schedule."""
     param = torch.nn.Parameter(torch.zeros(1))
     opt = build_optimizer("sgd", [param], lr=0.1, momentum=0.0, weight_decay=0.0)
-    sched = build_scheduler(opt, total_steps=10, schedule="cosine", warmup_steps=2)
+    sched = build_scheduler(opt, total_steps=10, schedule=schedule, warmup_steps=warmup)
     seen = []
-    for _ in range(10):
+    for _ in range(steps):
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return seen, opt, sched
+
+
+def test_scheduler_drives_the_optimizer_lr_per_step():
+    seen, _, _ = _lrs_stepped("cosine", 2, 10)
     assert seen[:3] == pytest.approx([0.05, 0.1, 0.1])
     assert seen == sorted(seen[:2]) + sorted(seen[2:], reverse=True)
 
@@ -46,14 +52,7 @@ def test_each_optimizer_reduces_a_quadratic(name):
 
 
 def test_a_constant_lr_is_set_through_warmup_and_then_left_alone():
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = build_optimizer("sgd", [param], lr=0.1, momentum=0.0, weight_decay=0.0)
-    sched = build_scheduler(opt, total_steps=10, schedule="constant", warmup_steps=4)
-    seen = []
-    for _ in range(7):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    seen, opt, sched = _lrs_stepped("constant", 4, 7)
     assert seen == [0.1 * f for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0)]  # the same floats as base x factor
     opt.param_groups[0]["lr"] = 0.5  # past warmup, step() no longer writes the lr: the optimizer's value stands
     sched.step()
