@@ -80,7 +80,7 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
         row(f"checkpoints at the default cadence ({'/'.join(map(str, saves))} save(s) per run of "
             f"{CASES[name].epochs} epochs), % of the loop: {name}", spread([100 * v for v in share], "{:.1f}%"),
             f"≤ {CHECKPOINT_MAX:.0%}", verdict(share, CHECKPOINT_MAX, at_least=False))
-    for name in cases:  # no target: the cost of the collective non-finite stop, a default feature
+    for name in cases:  # no target: a lower bound on what the collective non-finite stop, always on, costs
         runs = list(_by_repeat(rows, case=name, kind="train.py").values())
         share = [r["guard_seconds"] / r["loop_seconds"] for r in runs if "guard_seconds" in r]
         if share:

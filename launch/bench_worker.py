@@ -113,8 +113,8 @@ def checkpoint_clock() -> FunctionClock:
 
 
 def guard_clock() -> FunctionClock:
-    """Rank 0's non-finite checks: at --log-every, at each epoch's end and before each save (the collectives
-    included, with any wait for the other rank)."""
+    """Rank 0's non-finite checks: at --log-every, at each epoch's end and before each save, with the waits for
+    their collectives (an all-reduce under way on gloo's own threads is not in it: a lower bound)."""
     return FunctionClock((NonFiniteGuard, "check_steps"), (NonFiniteGuard, "end_of_epoch"),
                          (NonFiniteGuard, "check_before_save"))
 

@@ -54,8 +54,7 @@ class NonFiniteGuard:
             return self._check(global_step, with_params=False)
         if problem := self._read_pending(global_step):
             return problem
-        flags = torch.zeros(self.ctx.world_size, dtype=torch.float64, device=self.ctx.device)
-        flags[self.ctx.rank] = float(self.meter.any_bad(self.checked))
+        flags = self._rank_slots(float(self.meter.any_bad(self.checked)))
         self._pending = PendingCheck(flags, start_all_reduce_sum(flags), self.checked)
         self.checked = len(self.meter)
         return None
@@ -106,6 +105,10 @@ class NonFiniteGuard:
         """Every rank's `value`, in rank order: one small all-reduce (none at world 1)."""
         if self.ctx.world_size == 1:
             return [value]
+        return all_reduce_sum(self._rank_slots(value)).tolist()
+
+    def _rank_slots(self, value: float) -> torch.Tensor:
+        """One slot per rank, zero but this rank's, which holds `value`: summed over ranks, every rank's value."""
         slots = torch.zeros(self.ctx.world_size, dtype=torch.float64, device=self.ctx.device)
         slots[self.ctx.rank] = value
-        return all_reduce_sum(slots).tolist()
+        return slots
