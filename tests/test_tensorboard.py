@@ -121,3 +121,19 @@ def test_the_screenshot_script_refuses_a_logdir_without_runs(tmp_path, capsys, l
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --logdir") and "\n" not in err
     assert not (tmp_path / "shots").exists()
+
+
+@pytest.mark.timeout(60)
+def test_an_epoch_row_on_a_logged_step_shares_that_steps_event(short_run):
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    run, series, _ = short_run
+    [events_file] = run.run_dir.glob("events.out.tfevents.*")
+    scalar_events = [e for e in LegacyEventFileLoader(str(events_file)).Load()
+                     if e.HasField("summary") and any(v.HasField("simple_value") for v in e.summary.value)]
+    # Every logged step here is its epoch's last: one event per step carries both, and readers see every value.
+    assert sorted(e.step for e in scalar_events) == [5, 10, 15, 20]
+    for event in scalar_events:
+        tags = {v.tag for v in event.summary.value}
+        assert {"step/train_loss", "step/grad_norm", "loss/train", "loss/val"} <= tags, (event.step, tags)
+    assert [e.step for e in series["loss/val"]] == [e.step for e in series["step/train_loss"]] == [5, 10, 15, 20]
