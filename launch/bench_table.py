@@ -39,6 +39,17 @@ def verdict(values: list[float], target: float, at_least: bool, unit: str = "") 
     return f"**missed** by {abs(value - target):.2f}{unit}" if missed else "met"
 
 
+def bounded_verdict(lower: list[float], upper: list[float], at_most: float) -> str:
+    """A cost known only between two bounds (medians): met if the upper is within the target, missed if the lower
+    is over it, else not resolved."""
+    if not lower:
+        return "not measured"
+    if statistics.median(upper) <= at_most:
+        return "met"
+    low = statistics.median(lower)
+    return f"**missed** by {low - at_most:.2f}" if low > at_most else "not resolved (between the bounds)"
+
+
 def build_table(rows: list[dict], cases: list[str]) -> str:
     lines = ["| measurement | value: median (min–max) | target | verdict |", "|---|---:|---|---|"]
 
@@ -56,12 +67,20 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
                      for b, t in zip(bare.values(), ours.values(), strict=False)]
         row(f"ms per epoch, bare / train.py: {name}", f"{spread([b for b, _ in per_epoch], '{:.1f}')} / "
             f"{spread([t for _, t in per_epoch], '{:.1f}')}")
+    for name in cases:  # judged by the clock: the whole-run difference below is tens of times wider than 2%
+        runs = [r for r in _by_repeat(rows, case=name, kind="train.py").values() if "logging_seconds" in r]
+        calls = [r["logging_seconds"] / r["loop_seconds"] for r in runs]
+        both = [(r["logging_seconds"] + r["tensorboard_thread_seconds"]) / r["loop_seconds"] for r in runs]
+        if calls:
+            row(f"TensorBoard + per-step scalars + console at default cadence, rank 0's clock, % of the loop: the "
+                f"logging calls and the logged steps' grad norm / with TensorBoard's writer thread's CPU: {name}",
+                f"{spread([100 * v for v in calls], '{:.1f}%')} / {spread([100 * v for v in both], '{:.1f}%')}",
+                f"≤ {LOGGING_MAX:.0%}", bounded_verdict(calls, both, LOGGING_MAX))
     for name in (c for c in cases if CASES[c].world == 1):
         ours, quiet = _by_repeat(rows, case=name, kind="train.py"), _by_repeat(rows, case=name, kind="train.py quiet")
         share = _paired(ours, quiet, lambda t, q: (t["seconds"] - q["seconds"]) / t["seconds"])
-        row(f"TensorBoard + per-step scalars + console at default cadence, % of train.py's time: {name}",
-            spread([100 * v for v in share], "{:.1f}%"), f"≤ {LOGGING_MAX:.0%}",
-            verdict(share, LOGGING_MAX, at_least=False))
+        row(f"logging, whole-run difference against train.py without it (pairs; spread wider than the target), "
+            f"% of train.py's time: {name}", spread([100 * v for v in share], "{:.1f}%"))
     for name in cases:
         ours, noise = _by_repeat(rows, case=name, kind="train.py"), _by_repeat(rows, case=name,
                                                                                kind="train.py noise-scale")

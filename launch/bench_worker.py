@@ -12,7 +12,9 @@ validation, the all-reduce, logging, checkpoints; the final checkpoint, after th
   train.py       train.run() with its defaults
   train.py quiet the same without TensorBoard, per-step scalars or console lines (the logging row)
   train.py noise-scale  the same with --noise-scale (world 2: the cost of the instrument's comm hook)
-Rank 0 appends one JSON line per repeat and loop to --out.
+Clocks inside the train.py runs (FunctionClock, ThreadCPUClock) give rank 0's seconds in checkpoint writes, the
+non-finite checks, the logging calls (with TensorBoard's writer thread's CPU beside them) and --noise-scale's own
+code: costs smaller than the noise of two whole runs. Rank 0 appends one JSON line per repeat and loop to --out.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train
@@ -38,7 +41,8 @@ from spine.distributed import DistContext, barrier, distributed_session
 from spine.guard import NonFiniteGuard
 from spine.instruments.loop import Instruments
 from spine.instruments.noise_scale import DDPGradNoise
-from spine.logger import read_run
+from spine.logger import RunLogger, read_run
+from spine.metrics import GradNorm
 
 # The logging row's baseline: TensorBoard, per-step scalars and console lines off.
 QUIET = ["--no-tensorboard", "--log-every", "1000000000", "--print-every", "1000000000"]
@@ -74,10 +78,12 @@ THREAD_CASES = {"default": 60, "medium": 2}  # case -> epochs of each timed run 
 class FunctionClock:
     """Seconds spent inside some functions of the code under test, without editing it: while the clock is
     entered, each (owner, attribute) is replaced by a timed wrapper. Looked up at call time (a module's
-    function, a class's method), the wrapper is what the loop calls."""
+    function, a class's method), the wrapper is what the loop calls. A timed function called from another one
+    is counted once, in the outer one (`by_function` names the outer one too)."""
 
     def __init__(self, *targets: tuple[object, str]) -> None:
         self.targets, self.originals = targets, []
+        self._depth = 0  # timed calls under way: only the outermost is counted
         self.reset()
 
     def __enter__(self) -> FunctionClock:
@@ -93,11 +99,15 @@ class FunctionClock:
     def _timed(self, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
+            if self._depth:  # inside another timed call, which counts this one's time
+                return fn(*args, **kwargs)
+            self._depth += 1
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 seconds = time.perf_counter() - t
+                self._depth -= 1
                 self.seconds += seconds
                 self.calls += 1
                 self.by_function[fn.__qualname__] = self.by_function.get(fn.__qualname__, 0.0) + seconds
@@ -105,6 +115,51 @@ class FunctionClock:
 
     def reset(self) -> None:
         self.seconds, self.calls, self.by_function = 0.0, 0, {}
+
+
+class ThreadCPUClock:
+    """CPU seconds of the threads that run `owner.run` while the clock is entered, each counted when its run()
+    returns (time.thread_time(): that thread's own CPU since it started)."""
+
+    def __init__(self, owner: type) -> None:
+        self.owner, self.original = owner, None
+        self.reset()
+
+    def __enter__(self) -> ThreadCPUClock:
+        self.original = self.owner.run
+        original = self.original
+
+        @functools.wraps(original)
+        def run(thread, *args, **kwargs):
+            try:
+                return original(thread, *args, **kwargs)
+            finally:
+                self.seconds += time.thread_time()
+                self.threads += 1
+
+        self.owner.run = run
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.owner.run = self.original
+
+    def reset(self) -> None:
+        self.seconds, self.threads = 0.0, 0
+
+
+def logging_clock() -> FunctionClock:
+    """Rank 0's logging beyond metrics.jsonl, which the quiet runs write too: the --log-every steps' scalars and
+    console lines (RunLogger.step, which reads the step's values), the epoch rows' TensorBoard scalars and
+    console lines, the batches handed to TensorBoard's writer, the flushes before checkpoints, and the grad norm
+    that only the logged steps measure (without --grad-clip or --noise-scale)."""
+    return FunctionClock((RunLogger, "step"), (RunLogger, "_scalars"), (RunLogger, "table_row"),
+                         (RunLogger, "_handoff"), (RunLogger, "flush"), (GradNorm, "__call__"))
+
+
+def tensorboard_thread_clock() -> ThreadCPUClock:
+    """The CPU of TensorBoard's writer thread, which serialises and writes the events off the loop's thread but
+    holds the GIL while it runs Python: all of its life, start-up and closing writes included."""
+    return ThreadCPUClock(_AsyncWriterThread)
 
 
 def checkpoint_clock() -> FunctionClock:
@@ -127,6 +182,21 @@ def noise_scale_clock() -> FunctionClock:
                          (DDPGradNoise, "_see"), (DDPGradNoise, "step_done"), (Instruments, "after_update"))
 
 
+def all_clocks() -> dict[str, FunctionClock | ThreadCPUClock]:
+    return {"checkpoint": checkpoint_clock(), "noise": noise_scale_clock(), "guard": guard_clock(),
+            "logging": logging_clock(), "tensorboard thread": tensorboard_thread_clock()}
+
+
+def always_on(clocks: dict) -> contextlib.ExitStack:
+    """Every clock but the noise scale's, which wraps functions every step calls and is entered only around the
+    runs it measures. The others wrap calls of the logged steps, epoch ends and saves, in every train.py run."""
+    stack = contextlib.ExitStack()
+    for name, clock in clocks.items():
+        if name != "noise":
+            stack.enter_context(clock)
+    return stack
+
+
 def run_train_py(args: list[str], ctx: DistContext, scratch: Path, name: str,
                  clocks: dict[str, FunctionClock]) -> dict:
     argv = args + ["--runs-dir", str(scratch / "runs"), "--checkpoints-dir", str(scratch / "ckpt"),
@@ -144,7 +214,9 @@ def run_train_py(args: list[str], ctx: DistContext, scratch: Path, name: str,
             "steps": sum(e["step"] for e in epochs[-1:]) - epochs[0]["step"], "loop_seconds": summary["loop_seconds"],
             "first_loss": summary["first_step_loss"], "last_loss": summary["final"]["val_loss"],
             "checkpoint_seconds": clocks["checkpoint"].seconds, "checkpoints": clocks["checkpoint"].calls,
-            "guard_seconds": clocks["guard"].seconds,
+            "guard_seconds": clocks["guard"].seconds, "logging_seconds": clocks["logging"].seconds,
+            "logging_parts": dict(clocks["logging"].by_function), "tensorboard_thread_seconds":
+            clocks["tensorboard thread"].seconds,
             "noise_seconds": clocks["noise"].seconds, "noise_parts": dict(clocks["noise"].by_function)}
 
 
@@ -183,8 +255,8 @@ def main() -> int:
     case = CASES[opts.case]
     kinds = opts.kinds.split(",") if opts.kinds else list(case.kinds)
     epochs = opts.epochs or case.epochs
-    clocks = {"checkpoint": checkpoint_clock(), "noise": noise_scale_clock(), "guard": guard_clock()}
-    with (distributed_session(opts.device, 1, 120.0) as ctx, clocks["checkpoint"], clocks["guard"],
+    clocks = all_clocks()
+    with (distributed_session(opts.device, 1, 120.0) as ctx, always_on(clocks),
           tempfile.TemporaryDirectory(prefix="bench-") as tmp):
         scratch = Path(tmp) / f"rank{ctx.rank}"
         scratch.mkdir()
