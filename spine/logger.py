@@ -19,7 +19,8 @@ import torch
 
 from spine.metrics import EpochMeter
 
-# TensorBoard's writer flushes to disk every 120 s by default anyway, so holding scalars for 10 s hides nothing.
+# A live TensorBoard sees the scalars at most this late: they are written to the event file, and flushed, in batches
+# (SummaryWriter's own thread flushed every 120 s).
 TB_HANDOFF_SECONDS = 10.0
 # metrics.jsonl reaches the disk at least this often, and always before a checkpoint (RunLogger.flush): epochs lost
 # in a crash after that are the ones a resume trains again, and it truncates the file to its checkpoint anyway.
@@ -72,19 +73,21 @@ class RunLogger:
         self._truncate_metrics(keep_epochs)
         self.metrics_file = open(run_dir / "metrics.jsonl", "a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import custom_scalars
+
+            from spine.event_file import EventFile
 
             # purge_step hides events at or after the resume point left by an
             # earlier attempt, so a resumed run shows no duplicated steps.
             if purge_step is not None:
                 _after_newest_event_file(run_dir)
-            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
-            self.writer.add_custom_scalars({
+            self.writer = EventFile(run_dir, purge_step)
+            self.writer.add_summary(custom_scalars({
                 "train vs val": {
                     "loss": ["Multiline", ["loss/train", "loss/val"]],
                     "accuracy": ["Multiline", ["accuracy/train", "accuracy/val"]],
                 },
-            })
+            }))
 
     def _truncate_metrics(self, keep_epochs: int) -> None:
         """Drop epochs after the resume point: they will be trained again."""
@@ -121,12 +124,10 @@ class RunLogger:
     def _scalars(self, step: int, values: dict[str, float]) -> None:
         """Several scalars as one TensorBoard event, handed to the writer in batches.
 
-        Each event handed over wakes TensorBoard's writer thread, which then competes with the loop for the GIL
-        (profiled: ~3 ms per wake-up on a busy 2-core machine, half a tiny epoch). One event per call instead of
-        one per scalar, and one hand-off every TB_HANDOFF_SECONDS instead of one per event. The protobuf messages
-        are built at the hand-off too: one by one on the steps that log, they cost several times more. Scalars of
-        the step just queued join its event (an epoch's row on its last step, when that step logged): each event
-        costs about 0.1 ms of the loop's and the writer's time here (make bench's logging clock).
+        One event per call instead of one per scalar, and one hand-off every TB_HANDOFF_SECONDS, which builds the
+        protobuf messages and writes them (spine/event_file.py): one by one on the steps that log, they cost
+        several times more. Scalars of the step just queued join its event (an epoch's row on its last step,
+        when that step logged): every event is a record, with its own checksum computed in Python.
         """
         scalars = [(tag, float(v)) for tag, v in values.items()]
         if self._pending and self._pending[-1][0] == step:
@@ -141,8 +142,9 @@ class RunLogger:
 
         for step, values, walltime in self._pending:
             summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values])
-            self.writer.file_writer.add_summary(summary, step, walltime)
+            self.writer.add_summary(summary, step, walltime)
         self._pending.clear()
+        self.writer.flush()
         self._last_handoff = time.perf_counter()
 
     def step(self, meter: EpochMeter, step: int, lr: float, epoch: int, elapsed: float, console: bool) -> None:
@@ -204,7 +206,7 @@ class RunLogger:
         # Written into this run's own event file (add_hparams would open a sub-run, where the plugin would look
         # for the metric series and find none).
         for summary in hparams_summaries(config, failed=bool(final.get("diverged"))):
-            self.writer.file_writer.add_summary(summary)
+            self.writer.add_summary(summary)
 
     def summary(self, summary: dict) -> None:
         self._write("summary.json", json.dumps(summary, indent=2) + "\n")
@@ -242,9 +244,22 @@ class RunLogger:
 
     def histograms(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
         if self.writer:
+            from torch.utils.tensorboard.summary import histogram
+
             self._handoff()  # keep the event file in step order
             for tag, values in tensors.items():
-                self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+                self.writer.add_summary(histogram(tag, values.detach().float().cpu(), HISTOGRAM_EDGES), step)
+
+
+def _histogram_edges() -> list[float]:
+    """SummaryWriter's default bucket edges ('tensorflow'): 0 and +-1e-12, each next one 10% further, to 1e20."""
+    positive = [1e-12]
+    while positive[-1] * 1.1 < 1e20:
+        positive.append(positive[-1] * 1.1)
+    return [-v for v in reversed(positive)] + [0] + positive
+
+
+HISTOGRAM_EDGES = _histogram_edges()
 
 
 # The HParams dashboard's metric columns: (tag, column title, dataset). The plugin shows, for each run, the last

@@ -137,3 +137,33 @@ def test_an_epoch_row_on_a_logged_step_shares_that_steps_event(short_run):
         tags = {v.tag for v in event.summary.value}
         assert {"step/train_loss", "step/grad_norm", "loss/train", "loss/val"} <= tags, (event.step, tags)
     assert [e.step for e in series["loss/val"]] == [e.step for e in series["step/train_loss"]] == [5, 10, 15, 20]
+
+
+def test_the_event_file_is_written_without_a_thread_and_histograms_keep_summarywriters_buckets(tmp_path):
+    import threading
+
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from spine.logger import HISTOGRAM_EDGES, RunLogger
+
+    threads = threading.active_count()
+    logger = RunLogger(tmp_path / "run", enabled=True, tensorboard=True, purge_step=None, keep_epochs=0)
+    logger.scalars(3, {"a/b": 1.5})
+    logger.histograms(3, {"w": torch.arange(10.0)})
+    assert threading.active_count() == threads  # SummaryWriter would have started its writer thread
+    logger.close()
+    series, _ = _read_scalars(tmp_path / "run")
+    assert [(e.step, e.value) for e in series["a/b"]] == [(3, 1.5)]
+    reference = SummaryWriter(str(tmp_path / "reference"))
+    assert HISTOGRAM_EDGES == reference.default_bins
+    reference.close()
+
+
+def _read_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    assert acc.Tags()["histograms"] == ["w"]
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}, acc
