@@ -12,9 +12,9 @@ validation, the all-reduce, logging, checkpoints; the final checkpoint, after th
   train.py       train.run() with its defaults
   train.py quiet the same without TensorBoard, per-step scalars or console lines (the logging row)
   train.py noise-scale  the same with --noise-scale (world 2: the cost of the instrument's comm hook)
-Clocks inside the train.py runs (FunctionClock, ThreadCPUClock) give rank 0's seconds in checkpoint writes, the
-non-finite checks, the logging calls (with TensorBoard's writer thread's CPU beside them) and --noise-scale's own
-code: costs smaller than the noise of two whole runs. Rank 0 appends one JSON line per repeat and loop to --out.
+Clocks inside the train.py runs (FunctionClock) give rank 0's seconds in checkpoint writes, the non-finite checks,
+the logging calls and --noise-scale's own code: costs smaller than the noise of two whole runs. Rank 0 appends one
+JSON line per repeat and loop to --out.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train
@@ -117,49 +116,18 @@ class FunctionClock:
         self.seconds, self.calls, self.by_function = 0.0, 0, {}
 
 
-class ThreadCPUClock:
-    """CPU seconds of the threads that run `owner.run` while the clock is entered, each counted when its run()
-    returns (time.thread_time(): that thread's own CPU since it started)."""
-
-    def __init__(self, owner: type) -> None:
-        self.owner, self.original = owner, None
-        self.reset()
-
-    def __enter__(self) -> ThreadCPUClock:
-        self.original = self.owner.run
-        original = self.original
-
-        @functools.wraps(original)
-        def run(thread, *args, **kwargs):
-            try:
-                return original(thread, *args, **kwargs)
-            finally:
-                self.seconds += time.thread_time()
-                self.threads += 1
-
-        self.owner.run = run
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.owner.run = self.original
-
-    def reset(self) -> None:
-        self.seconds, self.threads = 0.0, 0
-
-
 def logging_clock() -> FunctionClock:
-    """Rank 0's logging beyond metrics.jsonl, which the quiet runs write too: the --log-every steps' scalars and
-    console lines (RunLogger.step, which reads the step's values), the epoch rows' TensorBoard scalars and
-    console lines, the batches handed to TensorBoard's writer, the flushes before checkpoints, and the grad norm
-    that only the logged steps measure (without --grad-clip or --noise-scale)."""
+    """Rank 0's TensorBoard and console logging, beyond the metrics.jsonl rows the quiet runs write too: the
+    --log-every steps' scalars and console lines (RunLogger.step, which reads the step's values), the epoch rows'
+    TensorBoard scalars and console lines, the batches written to the event file (RunLogger._handoff; no other
+    thread writes it) and the flushes before checkpoints."""
     return FunctionClock((RunLogger, "step"), (RunLogger, "_scalars"), (RunLogger, "table_row"),
-                         (RunLogger, "_handoff"), (RunLogger, "flush"), (GradNorm, "__call__"))
+                         (RunLogger, "_handoff"), (RunLogger, "flush"))
 
 
-def tensorboard_thread_clock() -> ThreadCPUClock:
-    """The CPU of TensorBoard's writer thread, which serialises and writes the events off the loop's thread but
-    holds the GIL while it runs Python: all of its life, start-up and closing writes included."""
-    return ThreadCPUClock(_AsyncWriterThread)
+def grad_norm_clock() -> FunctionClock:
+    """The grad norm, which by default only the logged steps measure (every step with --grad-clip)."""
+    return FunctionClock((GradNorm, "__call__"))
 
 
 def checkpoint_clock() -> FunctionClock:
@@ -182,9 +150,9 @@ def noise_scale_clock() -> FunctionClock:
                          (DDPGradNoise, "_see"), (DDPGradNoise, "step_done"), (Instruments, "after_update"))
 
 
-def all_clocks() -> dict[str, FunctionClock | ThreadCPUClock]:
+def all_clocks() -> dict[str, FunctionClock]:
     return {"checkpoint": checkpoint_clock(), "noise": noise_scale_clock(), "guard": guard_clock(),
-            "logging": logging_clock(), "tensorboard thread": tensorboard_thread_clock()}
+            "logging": logging_clock(), "grad norm": grad_norm_clock()}
 
 
 def always_on(clocks: dict) -> contextlib.ExitStack:
@@ -215,8 +183,7 @@ def run_train_py(args: list[str], ctx: DistContext, scratch: Path, name: str,
             "first_loss": summary["first_step_loss"], "last_loss": summary["final"]["val_loss"],
             "checkpoint_seconds": clocks["checkpoint"].seconds, "checkpoints": clocks["checkpoint"].calls,
             "guard_seconds": clocks["guard"].seconds, "logging_seconds": clocks["logging"].seconds,
-            "logging_parts": dict(clocks["logging"].by_function), "tensorboard_thread_seconds":
-            clocks["tensorboard thread"].seconds,
+            "logging_parts": dict(clocks["logging"].by_function), "grad_norm_seconds": clocks["grad norm"].seconds,
             "noise_seconds": clocks["noise"].seconds, "noise_parts": dict(clocks["noise"].by_function)}
 
 

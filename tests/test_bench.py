@@ -5,13 +5,10 @@ Timings are never asserted: they depend on the machine and its load.
 
 from __future__ import annotations
 
-import threading
-import time
-
 import torch
 
-from launch.bench_table import bounded_verdict, build_table
-from launch.bench_worker import CASES, FunctionClock, ThreadCPUClock, all_clocks, always_on, run_kind
+from launch.bench_table import build_table
+from launch.bench_worker import CASES, FunctionClock, all_clocks, always_on, run_kind
 from spine.distributed import distributed_session
 from spine.instruments.loop import Instruments
 
@@ -32,13 +29,12 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
         assert torch.get_num_threads() == 1
     assert all(r["checkpoints"] == 1 and r["checkpoint_seconds"] > 0 for r in rows if r["kind"] == "train.py")
     assert all(r["guard_seconds"] > 0 for r in rows if r["kind"] == "train.py")  # every epoch's end is checked
-    # 10 steps at --log-every 10: one logged step, its grad norm, and TensorBoard's writer thread ran and closed.
-    assert all(r["logging_seconds"] > 0 and r["tensorboard_thread_seconds"] > 0 for r in rows
-               if r["kind"] == "train.py")
+    # 10 steps at --log-every 10: one logged step with its grad norm, the epoch rows' scalars, the final flush.
     logged = next(r for r in rows if r["kind"] == "train.py")["logging_parts"]
-    assert {"RunLogger.step", "RunLogger._scalars", "GradNorm.__call__"} <= logged.keys(), logged
+    assert {"RunLogger.step", "RunLogger._scalars", "RunLogger.flush"} <= logged.keys(), logged
     quiet = next(r for r in rows if r["kind"] == "train.py quiet")
-    assert quiet["tensorboard_thread_seconds"] == 0 and "RunLogger.step" not in quiet["logging_parts"], quiet
+    assert not {"RunLogger.step", "RunLogger._scalars"} & quiet["logging_parts"].keys(), quiet
+    assert quiet["grad_norm_seconds"] == 0 < next(r for r in rows if r["kind"] == "train.py")["grad_norm_seconds"]
     noise_runs = [r for r in rows if r["kind"] == "train.py noise-scale"]
     assert all(r["noise_seconds"] > 0 and "Instruments.after_update" in r["noise_parts"] for r in noise_runs)
     plain = next(r for r in rows if r["kind"] == "train.py")
@@ -54,6 +50,7 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
     assert all(line.count("|") == table[0].count("|") for line in table), "ragged table"
     text = "\n".join(table)
     for name in ("**train.py / bare loop with validation**", "ms per epoch", "TensorBoard + per-step scalars",
+                 "grad norm on the logged steps", "whole-run difference against train.py without them",
                  "checkpoints at the default cadence", "threads: default (2 of 2 cores)", "end to end",
                  "--noise-scale at its default cadence", "--noise-scale, whole-run difference", "non-finite checks"):
         assert name in text, name
@@ -61,16 +58,12 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
     assert "n/a" not in text and "not measured" not in text
     for line in table[2:]:
         verdict = line.split("|")[-2].strip()
-        assert verdict in ("", "met", "not resolved (between the bounds)") or (
-            verdict.startswith("**missed**") and " by " in verdict), line
+        assert verdict in ("", "met") or (verdict.startswith("**missed**") and " by " in verdict), line
     assert "0.80 (" not in text and "| 0.80 | ≥ 0.8 | met |" in text  # threads: best 1.0 s over default 1.25 s
-    assert bounded_verdict([0.01], [0.015], 0.02) == "met"
-    assert bounded_verdict([0.01], [0.03], 0.02) == "not resolved (between the bounds)"
-    assert bounded_verdict([0.03], [0.05], 0.02) == "**missed** by 0.01"
     assert "1.50× (3.00 s against 2.00 s) | ≤ 1.2× | **missed** by 0.30× |" in text
 
 
-def test_function_clock_counts_a_nested_timed_call_once_and_the_thread_clock_counts_that_threads_cpu():
+def test_function_clock_counts_a_nested_timed_call_once():
     class Calls:
         def outer(self):
             return self.inner() + 1
@@ -84,15 +77,3 @@ def test_function_clock_counts_a_nested_timed_call_once_and_the_thread_clock_cou
     assert clock.calls == 2 and set(by_function) == {"Calls.outer", "Calls.inner"}  # inner() inside outer(): outer's
     assert clock.seconds == by_function["Calls.outer"] + by_function["Calls.inner"]
     assert not hasattr(Calls.outer, "__wrapped__")
-
-    class Busy(threading.Thread):
-        def run(self):
-            while time.thread_time() < 0.05:  # this thread's own CPU: 50 ms, then stop
-                pass
-
-    with ThreadCPUClock(Busy) as thread_clock:
-        busy = Busy()
-        busy.start()
-        busy.join(timeout=30)
-    # 50 ms and a little: the main thread's CPU (seconds of imports by now) is not what it counted.
-    assert thread_clock.threads == 1 and 0.05 <= thread_clock.seconds < 0.5, thread_clock.seconds
