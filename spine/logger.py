@@ -28,6 +28,9 @@ FLUSH_SECONDS = 1.0
 # The default console cadence (--print-every 0): an epoch line about this often, the first and the last always.
 PRINT_SECONDS = 1.0
 
+# TensorBoard's Custom Scalars dashboard: train and validation on one chart.
+CUSTOM_SCALARS = {"train vs val": {"loss": ["loss/train", "loss/val"], "accuracy": ["accuracy/train", "accuracy/val"]}}
+
 COLUMNS = [
     # (header, width, format)
     ("epoch", 6, "{:>6}"),
@@ -73,21 +76,14 @@ class RunLogger:
         self._truncate_metrics(keep_epochs)
         self.metrics_file = open(run_dir / "metrics.jsonl", "a")
         if tensorboard:
-            from torch.utils.tensorboard.summary import custom_scalars
-
-            from spine.event_file import EventFile
+            from spine.event_file import EventFile, custom_scalars
 
             # purge_step hides events at or after the resume point left by an
             # earlier attempt, so a resumed run shows no duplicated steps.
             if purge_step is not None:
                 _after_newest_event_file(run_dir)
             self.writer = EventFile(run_dir, purge_step)
-            self.writer.add_summary(custom_scalars({
-                "train vs val": {
-                    "loss": ["Multiline", ["loss/train", "loss/val"]],
-                    "accuracy": ["Multiline", ["accuracy/train", "accuracy/val"]],
-                },
-            }))
+            self.writer.add_summary(custom_scalars(CUSTOM_SCALARS))
 
     def _truncate_metrics(self, keep_epochs: int) -> None:
         """Drop epochs after the resume point: they will be trained again."""
@@ -298,7 +294,7 @@ def hparams_summaries(config: dict, failed: bool) -> list:
     run declares the same ones, since TensorBoard takes them from whichever run it reads first), the session's
     start (this run's values) and its end (success, or failure for a diverged run)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
     from spine.config import BY_NAME
 
@@ -319,14 +315,24 @@ def hparams_summaries(config: dict, failed: bool) -> list:
                for tag, title, dataset in HPARAM_METRICS]
     status = api_pb2.STATUS_FAILURE if failed else api_pb2.STATUS_SUCCESS
     records = [
-        (metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(
+        ("_hparams_/experiment", plugin_data_pb2.HParamsPluginData(
             experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics))),
-        (metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start)),
-        (metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+        ("_hparams_/session_start_info", plugin_data_pb2.HParamsPluginData(session_start_info=start)),
+        ("_hparams_/session_end_info", plugin_data_pb2.HParamsPluginData(
             session_end_info=plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time()))),
     ]
-    return [Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))])
-            for tag, data in records]
+    return [Summary(value=[Summary.Value(tag=tag, metadata=hparams_metadata(data))]) for tag, data in records]
+
+
+def hparams_metadata(data):
+    """The HParams plugin's metadata for one record (plugin data version 0): what
+    tensorboard.plugins.hparams.metadata.create_summary_metadata builds, without importing that module, which
+    loads tensorboard's TensorFlow stub (tens of ms at the end of every run)."""
+    from tensorboard.compat.proto.summary_pb2 import SummaryMetadata
+
+    data.version = 0
+    return SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",
+                                                                  content=data.SerializeToString()))
 
 
 def _after_newest_event_file(run_dir: Path) -> None:

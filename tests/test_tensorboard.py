@@ -12,7 +12,7 @@ import math
 import pytest
 
 from spine.config import HPARAMS, Config
-from tests.helpers import run_train
+from tests.helpers import ROOT, run_train
 
 EPOCHS = 4
 # 160 training samples in batches of 32: 5 steps an epoch, 20 in all; per-step scalars at steps 5, 10, 15, 20.
@@ -167,3 +167,42 @@ def _read_scalars(run_dir):
     acc.Reload()
     assert acc.Tags()["histograms"] == ["w"]
     return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}, acc
+
+
+def test_the_event_files_checksums_and_layout_are_tensorboards_own_and_need_none_of_its_writer():
+    import random
+    import subprocess
+    import sys
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference_crc
+    from torch.utils.tensorboard.summary import custom_scalars as reference_layout
+
+    from spine.event_file import custom_scalars, masked_crc32c
+    from spine.logger import CUSTOM_SCALARS
+
+    rng = random.Random(0)
+    for size in (0, 1, 7, 8, 82, 1000):
+        data = bytes(rng.randrange(256) for _ in range(size))
+        assert masked_crc32c(data) == reference_crc(data), size
+    torch_layout = {category: {title: ["Multiline", tags] for title, tags in charts.items()}
+                    for category, charts in CUSTOM_SCALARS.items()}
+    assert custom_scalars(CUSTOM_SCALARS).SerializeToString() == reference_layout(torch_layout).SerializeToString()
+    # The point of writing the framing here: tensorboard.summary (with its TensorFlow stub) is not imported.
+    check = "import sys, spine.event_file; sys.exit('tensorboard.summary' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT, timeout=60).returncode == 0
+
+
+def test_the_hparams_records_are_tensorboards_own_and_their_tags_too():
+    from tensorboard.plugins.hparams import metadata
+
+    from spine.logger import hparams_summaries
+
+    summaries = hparams_summaries(dict(Config().to_dict(), world_size=1), failed=False)
+    assert [s.value[0].tag for s in summaries] == [metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG,
+                                                   metadata.SESSION_END_INFO_TAG]
+    for summary in summaries:
+        ours = summary.value[0].metadata.plugin_data
+        data = metadata.plugin_data_pb2.HParamsPluginData.FromString(ours.content)
+        reference = metadata.create_summary_metadata(data).plugin_data
+        parse = metadata.plugin_data_pb2.HParamsPluginData.FromString  # a map's bytes are in no fixed order
+        assert ours.plugin_name == reference.plugin_name and parse(ours.content) == parse(reference.content)
