@@ -6,7 +6,8 @@ Four cases (launch/bench_worker.py) time train.py and the bare loop with its per
 process (or one torchrun job at world 2), each as the difference of a long and a short run. The thread study runs
 train.py as fresh processes at 1 thread, at every core and at its default, on an idle machine and under a competing
 load of one busy process per core. End to end times make overfit's command against the floor (import torch, one
-optimizer step). Writes <out>/bench.md (the table, targets and misses) and <out>/results.jsonl.
+optimizer step). Last, torch's SummaryWriter and spine's EventFile write the same batch of TensorBoard events side
+by side (launch/bench_events.py). Writes <out>/bench.md (the table, targets and misses) and <out>/results.jsonl.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from launch.bench_events import compare as compare_event_writers
 from launch.bench_table import build_table
 from launch.bench_worker import CASES, THREAD_CASES
 from launch.runner import ROOT, TORCHRUN
@@ -125,6 +127,7 @@ def main() -> int:
                    help="cuda: train.py against a bare CUDA loop (nccl at world 2)")
     p.add_argument("--thread-repeats", type=int, default=5)
     p.add_argument("--end-to-end-repeats", type=int, default=9)
+    p.add_argument("--event-repeats", type=int, default=9, help="TensorBoard writers side by side (0: skip)")
     p.add_argument("--epochs", default="", help="short,long epochs for every case (tests only)")
     opts = p.parse_args()
     out = Path(opts.out)
@@ -142,6 +145,10 @@ def main() -> int:
         thread_study(opts.thread_repeats, results, opts.device)
     if opts.end_to_end_repeats:
         end_to_end(opts.end_to_end_repeats, results)
+    if opts.event_repeats:
+        print("bench: TensorBoard events, SummaryWriter against EventFile", flush=True)
+        with open(results, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in compare_event_writers(opts.event_repeats, 100))
     load_end = os.getloadavg()
 
     rows = [json.loads(line) for line in results.read_text().splitlines() if line]
@@ -153,7 +160,7 @@ def main() -> int:
         f"Load average (1/5/15 min) at start {' / '.join(f'{v:.2f}' for v in load_start)}, at end "
         f"{' / '.join(f'{v:.2f}' for v in load_end)}; the benchmark took {time.perf_counter() - t0:.0f} s.",
         f"Command: `{command}`; {opts.repeats} interleaved repeats per pair, {opts.thread_repeats} per thread "
-        f"setting, {opts.end_to_end_repeats} end to end.",
+        f"setting, {opts.end_to_end_repeats} end to end, {opts.event_repeats} per TensorBoard writer.",
         "",
     ]
     text = "\n".join(header) + build_table(rows, cases) + "\n"

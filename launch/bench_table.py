@@ -113,6 +113,17 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
             row(f"threads: default ({'/'.join(map(str, chosen))} of {next(iter(default.values()))['cores']} cores) "
                 f"/ the better of 1 thread and all cores by median ({better_label}), {load}: {name}", spread(ratio),
                 f"≥ {THREADS_MIN}", verdict(ratio, THREADS_MIN, at_least=True))
+    summary_writer, event_file = (_by_repeat(rows, case="tensorboard events", kind=k) for k in ("SummaryWriter",
+                                                                                                "EventFile"))
+    if event_file:
+        events = next(iter(event_file.values()))["events"]
+        for key, what in (("seconds", "the calling thread's wall time"), ("cpu_seconds", "all threads' CPU")):
+            row(f"TensorBoard, {events} events written and flushed, ms, {what}: SummaryWriter (its writer thread) / "
+                f"spine's EventFile (the loop's thread)",
+                f"{spread([1000 * r[key] for r in summary_writer.values()], '{:.1f}')} / "
+                f"{spread([1000 * r[key] for r in event_file.values()], '{:.1f}')}")
+        ratio = _paired(summary_writer, event_file, lambda a, b: a["seconds"] / b["seconds"])
+        row("TensorBoard, the calling thread's wall time, SummaryWriter / EventFile (pairs)", f"{spread(ratio)}×")
     overfit, floor = _by_repeat(rows, case="end to end", kind="make overfit"), _by_repeat(rows, case="end to end",
                                                                                             kind="floor")
     if overfit:

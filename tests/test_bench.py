@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from launch.bench_events import compare
 from launch.bench_table import build_table
 from launch.bench_worker import CASES, FunctionClock, all_clocks, always_on, run_kind
 from spine.distributed import distributed_session
@@ -45,12 +46,14 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
              for k, t, s in (("1", 1, 2.0), ("all", 2, 1.0), ("default", 2, 1.25))]
     rows += [{"case": "end to end", "kind": k, "repeat": 0, "seconds": s} for k, s in (("make overfit", 3.0),
                                                                                        ("floor", 2.0))]
+    rows += compare(repeats=2, events=5)
     table = build_table(rows, list(CASES)).splitlines()
     assert table[0] == "| measurement | value: median (min–max) | target | verdict |"
     assert all(line.count("|") == table[0].count("|") for line in table), "ragged table"
     text = "\n".join(table)
     for name in ("**train.py / bare loop with validation**", "ms per epoch", "TensorBoard + per-step scalars",
                  "grad norm on the logged steps", "whole-run difference against train.py without them",
+                 "TensorBoard, 5 events written and flushed", "SummaryWriter / EventFile (pairs)",
                  "checkpoints at the default cadence", "threads: default (2 of 2 cores)", "end to end",
                  "--noise-scale at its default cadence", "--noise-scale, whole-run difference", "non-finite checks"):
         assert name in text, name
