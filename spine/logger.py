@@ -14,14 +14,22 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from spine.metrics import EpochMeter
 
-# A live TensorBoard sees the scalars at most this late: they are written to the event file, and flushed, in batches
-# (SummaryWriter's own thread flushed every 120 s).
+if TYPE_CHECKING:  # annotations only: tensorboard's protos load when TensorBoard is on
+    from tensorboard.compat.proto.summary_pb2 import SummaryMetadata
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+# The scalars are written to the event file, and flushed, in batches: at the first logging call this long after the
+# previous batch, and before every checkpoint (SummaryWriter's own thread flushed every 120 s).
 TB_HANDOFF_SECONDS = 10.0
+# An epoch's row joins the event of the step that just logged only if that step's scalars are this recent: the
+# event's wall time is the first scalars', and TensorBoard's wall-time axis should not move by a validation pass.
+MERGE_SECONDS = 1.0
 # metrics.jsonl reaches the disk at least this often, and always before a checkpoint (RunLogger.flush): epochs lost
 # in a crash after that are the ones a resume trains again, and it truncates the file to its checkpoint anyway.
 FLUSH_SECONDS = 1.0
@@ -122,14 +130,14 @@ class RunLogger:
 
         One event per call instead of one per scalar, and one hand-off every TB_HANDOFF_SECONDS, which builds the
         protobuf messages and writes them (spine/event_file.py): one by one on the steps that log, they cost
-        several times more. Scalars of the step just queued join its event (an epoch's row on its last step,
-        when that step logged): every event is a record, with its own checksum computed in Python.
+        several times more. Scalars of the step just queued, within MERGE_SECONDS, join its event (an epoch's row
+        on its last step, when that step logged): every event is a record, with its own checksum computed in Python.
         """
-        scalars = [(tag, float(v)) for tag, v in values.items()]
-        if self._pending and self._pending[-1][0] == step:
+        scalars, wall = [(tag, float(v)) for tag, v in values.items()], time.time()
+        if self._pending and self._pending[-1][0] == step and wall - self._pending[-1][2] < MERGE_SECONDS:
             self._pending[-1][1].extend(scalars)
         else:
-            self._pending.append((step, scalars, time.time()))
+            self._pending.append((step, scalars, wall))
         if time.perf_counter() - self._last_handoff >= TB_HANDOFF_SECONDS:
             self._handoff()
 
@@ -222,8 +230,7 @@ class RunLogger:
         if self.enabled:
             self.metrics_file.flush()
             if self.writer:
-                self._handoff()
-                self.writer.flush()
+                self._handoff()  # which flushes the event file
 
     def close(self) -> None:
         if not self.enabled:
@@ -245,6 +252,7 @@ class RunLogger:
             self._handoff()  # keep the event file in step order
             for tag, values in tensors.items():
                 self.writer.add_summary(histogram(tag, values.detach().float().cpu(), HISTOGRAM_EDGES), step)
+            self.writer.flush()
 
 
 def _histogram_edges() -> list[float]:
@@ -324,7 +332,7 @@ def hparams_summaries(config: dict, failed: bool) -> list:
     return [Summary(value=[Summary.Value(tag=tag, metadata=hparams_metadata(data))]) for tag, data in records]
 
 
-def hparams_metadata(data):
+def hparams_metadata(data: plugin_data_pb2.HParamsPluginData) -> SummaryMetadata:
     """The HParams plugin's metadata for one record (plugin data version 0): what
     tensorboard.plugins.hparams.metadata.create_summary_metadata builds, without importing that module, which
     loads tensorboard's TensorFlow stub (tens of ms at the end of every run)."""

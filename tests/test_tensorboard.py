@@ -139,34 +139,65 @@ def test_an_epoch_row_on_a_logged_step_shares_that_steps_event(short_run):
     assert [e.step for e in series["loss/val"]] == [e.step for e in series["step/train_loss"]] == [5, 10, 15, 20]
 
 
-def test_the_event_file_is_written_without_a_thread_and_histograms_keep_summarywriters_buckets(tmp_path):
+def _events(path):
+    """The events of one event file, as written (no migration of old formats)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    return list(LegacyEventFileLoader(str(path)).Load())
+
+
+def test_the_event_file_matches_summarywriters_without_its_thread(tmp_path):
     import threading
 
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
-    from spine.logger import HISTOGRAM_EDGES, RunLogger
+    from spine.event_file import EventFile
+    from spine.logger import RunLogger
 
     threads = threading.active_count()
-    logger = RunLogger(tmp_path / "run", enabled=True, tensorboard=True, purge_step=None, keep_epochs=0)
-    logger.scalars(3, {"a/b": 1.5})
-    logger.histograms(3, {"w": torch.arange(10.0)})
+    logger = RunLogger(tmp_path / "ours", enabled=True, tensorboard=True, purge_step=7, keep_epochs=0)
+    logger.scalars(8, {"a/b": 1.5})
+    logger.histograms(8, {"w": torch.linspace(-3, 5, 50)})
     assert threading.active_count() == threads  # SummaryWriter would have started its writer thread
     logger.close()
-    series, _ = _read_scalars(tmp_path / "run")
-    assert [(e.step, e.value) for e in series["a/b"]] == [(3, 1.5)]
-    reference = SummaryWriter(str(tmp_path / "reference"))
-    assert HISTOGRAM_EDGES == reference.default_bins
+    logger.close()  # a second close is harmless, as SummaryWriter's is
+    reference = SummaryWriter(str(tmp_path / "reference"), purge_step=7)
+    reference.add_custom_scalars({"train vs val": {"loss": ["Multiline", ["loss/train", "loss/val"]],
+                                                   "accuracy": ["Multiline", ["accuracy/train", "accuracy/val"]]}})
+    reference.add_scalar("a/b", 1.5, 8)
+    reference.add_histogram("w", torch.linspace(-3, 5, 50), 8)
     reference.close()
+    [ours], [theirs] = ((tmp_path / d).glob("events.out.tfevents.*") for d in ("ours", "reference"))
+    assert ours.name.split(".")[:3] == theirs.name.split(".")[:3] and ours.name.split(".")[4:-1] == \
+        theirs.name.split(".")[4:-1]  # events.out.tfevents.<second>.<host>.<pid>.<counter>
+    ours_events, their_events = _events(ours), _events(theirs)
+    for event in ours_events + their_events:
+        event.ClearField("wall_time")
+        event.ClearField("source_metadata")
+        for value in event.summary.value:  # add_scalar tags its value with the scalars plugin; the reader does not
+            value.ClearField("metadata") if value.HasField("simple_value") else None
+    assert ours_events == their_events  # header, purge events, layout, the scalar and the histogram's buckets
+
+    closed = EventFile(tmp_path / "ours")
+    closed.close()
+    closed.close()
+    closed.flush()  # after close: nothing to do, no error
 
 
-def _read_scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def test_an_epoch_row_joins_the_step_event_only_when_it_is_recent(tmp_path):
+    from spine.logger import MERGE_SECONDS, RunLogger
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
-    assert acc.Tags()["histograms"] == ["w"]
-    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}, acc
+    logger = RunLogger(tmp_path, enabled=True, tensorboard=True, purge_step=None, keep_epochs=0)
+    logger.scalars(5, {"step/train_loss": 1.0})
+    logger.scalars(5, {"loss/val": 2.0})
+    assert len(logger._pending) == 1
+    logger._pending[-1] = (5, logger._pending[-1][1], logger._pending[-1][2] - MERGE_SECONDS)  # as after a long pass
+    logger.scalars(5, {"loss/train": 3.0})
+    assert [len(values) for _, values, _ in logger._pending] == [2, 1]
+    logger.close()
+    assert sorted(v.tag for e in _events(next(tmp_path.glob("events.*"))) for v in e.summary.value
+                  if v.HasField("simple_value")) == ["loss/train", "loss/val", "step/train_loss"]
 
 
 def test_the_event_files_checksums_and_layout_are_tensorboards_own_and_need_none_of_its_writer():
