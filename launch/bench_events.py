@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -26,7 +27,8 @@ TAGS = ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "perf/sample
         "perf/epoch_seconds", "perf/peak_rss_mb")
 
 
-def write_batch(add_summary, flush, events: int) -> tuple[float, float]:
+def write_batch(add_summary: Callable[[Summary, int, float], None], flush: Callable[[], None],
+                events: int) -> tuple[float, float]:
     """(wall seconds of the calling thread, CPU seconds of all threads) to write and flush one batch."""
     wall, cpu = time.perf_counter(), time.process_time()
     for step in range(events):

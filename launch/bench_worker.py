@@ -26,6 +26,7 @@ import gc
 import json
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,7 @@ class FunctionClock:
 
     def __init__(self, *targets: tuple[object, str]) -> None:
         self.targets, self.originals = targets, []
-        self._depth = 0  # timed calls under way: only the outermost is counted
+        self._local = threading.local()  # per thread: the timed calls under way there (only the outermost counts)
         self.reset()
 
     def __enter__(self) -> FunctionClock:
@@ -98,15 +99,15 @@ class FunctionClock:
     def _timed(self, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            if self._depth:  # inside another timed call, which counts this one's time
+            if getattr(self._local, "depth", 0):  # inside another timed call, which counts this one's time
                 return fn(*args, **kwargs)
-            self._depth += 1
+            self._local.depth = 1
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 seconds = time.perf_counter() - t
-                self._depth -= 1
+                self._local.depth = 0
                 self.seconds += seconds
                 self.calls += 1
                 self.by_function[fn.__qualname__] = self.by_function.get(fn.__qualname__, 0.0) + seconds

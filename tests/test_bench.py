@@ -5,6 +5,7 @@ Timings are never asserted: they depend on the machine and its load.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from launch.bench_events import compare
@@ -80,3 +81,16 @@ def test_function_clock_counts_a_nested_timed_call_once():
     assert clock.calls == 2 and set(by_function) == {"Calls.outer", "Calls.inner"}  # inner() inside outer(): outer's
     assert clock.seconds == by_function["Calls.outer"] + by_function["Calls.inner"]
     assert not hasattr(Calls.outer, "__wrapped__")
+
+    class Failing:
+        def fail(self):
+            raise RuntimeError("inside a timed call")
+
+        def fine(self):
+            return 1
+
+    with FunctionClock((Failing, "fail"), (Failing, "fine")) as clock:
+        with pytest.raises(RuntimeError):
+            Failing().fail()
+        Failing().fine()  # counted: the failed call left the clock outside any timed call
+    assert clock.calls == 2 and len(clock.by_function) == 2
