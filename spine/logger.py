@@ -333,12 +333,11 @@ def hparams_summaries(config: dict, failed: bool) -> list:
 
 
 def hparams_metadata(data: plugin_data_pb2.HParamsPluginData) -> SummaryMetadata:
-    """The HParams plugin's metadata for one record (plugin data version 0): what
-    tensorboard.plugins.hparams.metadata.create_summary_metadata builds, without importing that module, which
-    loads tensorboard's TensorFlow stub (tens of ms at the end of every run)."""
+    """The HParams plugin's metadata for one record: what tensorboard.plugins.hparams.metadata.create_summary_metadata
+    builds, without importing that module, which loads tensorboard's TensorFlow stub (tens of ms at the end of every
+    run). Its plugin data version is 0, the field's default, so `data` already carries it."""
     from tensorboard.compat.proto.summary_pb2 import SummaryMetadata
 
-    data.version = 0
     return SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",
                                                                   content=data.SerializeToString()))
 

@@ -176,7 +176,8 @@ def test_the_event_file_matches_summarywriters_without_its_thread(tmp_path):
         event.ClearField("wall_time")
         event.ClearField("source_metadata")
         for value in event.summary.value:  # add_scalar tags its value with the scalars plugin; the reader does not
-            value.ClearField("metadata") if value.HasField("simple_value") else None
+            if value.HasField("simple_value"):
+                value.ClearField("metadata")
     assert ours_events == their_events  # header, purge events, layout, the scalar and the histogram's buckets
 
     closed = EventFile(tmp_path / "ours")
