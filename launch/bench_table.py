@@ -39,6 +39,15 @@ def verdict(values: list[float], target: float, at_least: bool, unit: str = "") 
     return f"**missed** by {abs(value - target):.2f}{unit}" if missed else "met"
 
 
+def _clocked(rows: list[dict], case: str, key: str) -> list[float]:
+    """Per train.py run of `case`, the seconds rank 0's clock `key` counted, as a share of its loop."""
+    return [r[key] / r["loop_seconds"] for r in _by_repeat(rows, case=case, kind="train.py").values()]
+
+
+def _percent(shares: list[float]) -> str:
+    return spread([100 * v for v in shares], "{:.1f}%")
+
+
 def build_table(rows: list[dict], cases: list[str]) -> str:
     lines = ["| measurement | value: median (min–max) | target | verdict |", "|---|---:|---|---|"]
 
@@ -57,47 +66,37 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
         row(f"ms per epoch, bare / train.py: {name}", f"{spread([b for b, _ in per_epoch], '{:.1f}')} / "
             f"{spread([t for _, t in per_epoch], '{:.1f}')}")
     for name in cases:  # judged by the clock: the whole-run difference below is tens of times wider than 2%
-        runs = [r for r in _by_repeat(rows, case=name, kind="train.py").values() if "logging_seconds" in r]
-        share = [r["logging_seconds"] / r["loop_seconds"] for r in runs]
-        if share:
-            row(f"TensorBoard + per-step scalars + console at default cadence, rank 0's clock, % of the loop: {name}",
-                spread([100 * v for v in share], "{:.1f}%"), f"≤ {LOGGING_MAX:.0%}",
-                verdict(share, LOGGING_MAX, at_least=False))
+        share = _clocked(rows, name, "logging_seconds")
+        row(f"TensorBoard + per-step scalars + console at default cadence, rank 0's clock, % of the loop: {name}",
+            _percent(share), f"≤ {LOGGING_MAX:.0%}", verdict(share, LOGGING_MAX, at_least=False))
     for name in cases:  # no target: the cost of the grad norm's default cadence
-        runs = [r for r in _by_repeat(rows, case=name, kind="train.py").values() if "grad_norm_seconds" in r]
-        if runs:
-            row(f"grad norm on the logged steps (every --log-every), rank 0's clock, % of the loop: {name}",
-                spread([100 * r["grad_norm_seconds"] / r["loop_seconds"] for r in runs], "{:.1f}%"))
+        row(f"grad norm on the logged steps (every --log-every), rank 0's clock, % of the loop: {name}",
+            _percent(_clocked(rows, name, "grad_norm_seconds")))
     for name in (c for c in cases if CASES[c].world == 1):
         ours, quiet = _by_repeat(rows, case=name, kind="train.py"), _by_repeat(rows, case=name, kind="train.py quiet")
         share = _paired(ours, quiet, lambda t, q: (t["seconds"] - q["seconds"]) / t["seconds"])
         row(f"logging, grad norm and --log-every checks, whole-run difference against train.py without them "
-            f"(pairs; spread wider than the target), % of train.py's time: {name}",
-            spread([100 * v for v in share], "{:.1f}%"))
+            f"(pairs; spread wider than the target), % of train.py's time: {name}", _percent(share))
     for name in cases:
         ours, noise = _by_repeat(rows, case=name, kind="train.py"), _by_repeat(rows, case=name,
                                                                                kind="train.py noise-scale")
         if noise:
             own = [r["noise_seconds"] / r["loop_seconds"] for r in noise.values()]
             row(f"--noise-scale at its default cadence (one step in --log-every), its own code by rank 0's clock, "
-                f"% of the loop: {name}", spread([100 * v for v in own], "{:.1f}%"), f"≤ {NOISE_SCALE_MAX:.0%}",
+                f"% of the loop: {name}", _percent(own), f"≤ {NOISE_SCALE_MAX:.0%}",
                 verdict(own, NOISE_SCALE_MAX, at_least=False))
             share = _paired(ours, noise, lambda t, n: (n["seconds"] - t["seconds"]) / n["seconds"])
             row(f"--noise-scale, whole-run difference against train.py (pairs; spread wider than the target), "
-                f"% of its run's time: {name}", spread([100 * v for v in share], "{:.1f}%"))
+                f"% of its run's time: {name}", _percent(share))
     for name in cases:
-        runs = list(_by_repeat(rows, case=name, kind="train.py").values())
-        share = [r["checkpoint_seconds"] / r["loop_seconds"] for r in runs]
-        saves = sorted({r["checkpoints"] for r in runs})
+        share = _clocked(rows, name, "checkpoint_seconds")
+        saves = sorted({r["checkpoints"] for r in _by_repeat(rows, case=name, kind="train.py").values()})
         row(f"checkpoints at the default cadence ({'/'.join(map(str, saves))} save(s) per run of "
-            f"{CASES[name].epochs} epochs), % of the loop: {name}", spread([100 * v for v in share], "{:.1f}%"),
+            f"{CASES[name].epochs} epochs), % of the loop: {name}", _percent(share),
             f"≤ {CHECKPOINT_MAX:.0%}", verdict(share, CHECKPOINT_MAX, at_least=False))
     for name in cases:  # no target: a lower bound on what the collective non-finite stop, always on, costs
-        runs = list(_by_repeat(rows, case=name, kind="train.py").values())
-        share = [r["guard_seconds"] / r["loop_seconds"] for r in runs if "guard_seconds" in r]
-        if share:
-            row(f"non-finite checks (every --log-every steps, each epoch's end, each save), rank 0's clock, % of the "
-                f"loop: {name}", spread([100 * v for v in share], "{:.1f}%"))
+        row(f"non-finite checks (every --log-every steps, each epoch's end, each save), rank 0's clock, % of the "
+            f"loop: {name}", _percent(_clocked(rows, name, "guard_seconds")))
     for load in ("idle", "loaded"):
         for name in THREAD_CASES:
             one, every, default = (_by_repeat(rows, case=name, kind=f"threads {k}", load=load)
