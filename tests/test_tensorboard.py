@@ -153,7 +153,7 @@ def test_the_event_file_matches_summarywriters_without_its_thread(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     from spine.event_file import EventFile
-    from spine.logger import RunLogger
+    from spine.logger import CUSTOM_SCALARS, RunLogger
 
     threads = threading.active_count()
     logger = RunLogger(tmp_path / "ours", enabled=True, tensorboard=True, purge_step=7, keep_epochs=0)
@@ -163,8 +163,8 @@ def test_the_event_file_matches_summarywriters_without_its_thread(tmp_path):
     logger.close()
     logger.close()  # a second close is harmless, as SummaryWriter's is
     reference = SummaryWriter(str(tmp_path / "reference"), purge_step=7)
-    reference.add_custom_scalars({"train vs val": {"loss": ["Multiline", ["loss/train", "loss/val"]],
-                                                   "accuracy": ["Multiline", ["accuracy/train", "accuracy/val"]]}})
+    reference.add_custom_scalars({category: {chart: ["Multiline", tags] for chart, tags in charts.items()}
+                                  for category, charts in CUSTOM_SCALARS.items()})  # SummaryWriter's layout format
     reference.add_scalar("a/b", 1.5, 8)
     reference.add_histogram("w", torch.linspace(-3, 5, 50), 8)
     reference.close()
