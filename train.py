@@ -60,7 +60,7 @@ from spine.instruments.loop import Instruments
 from spine.instruments.lr_find import LR_FIND_RULE, LRRangeTest, plot_lr_range
 from spine.logger import RunLogger, now
 from spine.metrics import EpochMeter, GradNorm
-from spine.optim import build_optimizer, build_scheduler
+from spine.optim import build_optimizer, build_scheduler, grad_accumulators
 from spine.precision import Precision
 from spine.state import TrainState
 
@@ -193,6 +193,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     steps_per_epoch = math.ceil(len(sampler) / step_batch)
     scheduler = build_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.schedule, cfg.warmup_steps)
     params = list(model.parameters())
+    _held_for_the_run = grad_accumulators(params)  # autograd would rebuild them every step (spine/optim.py)
     total_grad_norm = GradNorm(params)  # torch.nn.utils.get_total_norm's arithmetic, with less Python per call
 
     state, meter = TrainState(), EpochMeter()

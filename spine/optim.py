@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+from torch.autograd.graph import Node, get_gradient_edge
 
 
 def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, momentum: float,
@@ -17,6 +18,15 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, 
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def grad_accumulators(params: Iterable[torch.nn.Parameter]) -> list[Node]:
+    """Each trainable parameter's AccumulateGrad node, the autograd node whose backward adds into .grad. Autograd
+    keeps it only while something refers to it: a graph, or DDP's reducer, which holds them. train.py's step keeps
+    detached values and drops its graph before the optimizer step, so without a reference held for the run every
+    forward would build these nodes again and every step free them, each time taking the interpreter lock to
+    reference or release the parameter's Python object: on a small CPU model, a visible part of the step."""
+    return [get_gradient_edge(p).node for p in params if p.requires_grad]
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spine.optim import build_optimizer, build_scheduler, lr_factor
+from spine.optim import build_optimizer, build_scheduler, grad_accumulators, lr_factor
 
 
 def test_warmup_is_linear_then_constant():
@@ -57,3 +57,39 @@ def test_a_constant_lr_is_set_through_warmup_and_then_left_alone():
     opt.param_groups[0]["lr"] = 0.5  # past warmup, step() no longer writes the lr: the optimizer's value stands
     sched.step()
     assert opt.param_groups[0]["lr"] == 0.5 and sched.last_epoch == 8
+
+
+def _accumulators_in_graph(loss: torch.Tensor) -> list:
+    """The AccumulateGrad nodes a backward from `loss` would reach."""
+    seen, todo, found = set(), [loss.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "AccumulateGrad":
+            found.append(node)
+        todo += [next_node for next_node, _ in node.next_functions]
+    return found
+
+
+def _marks_survive_a_step(model: torch.nn.Module) -> bool:
+    """Marks each AccumulateGrad node of one step's graph, drops the graph, and tells whether the next step's graph
+    reaches the marked nodes again (rather than new ones, built afresh)."""
+    loss = model(torch.randn(5, 3)).sum()
+    for node in _accumulators_in_graph(loss):
+        node.metadata["marked"] = True  # stored on the node itself: gone if the node is freed
+    loss.backward()
+    del loss, node
+    again = _accumulators_in_graph(model(torch.randn(5, 3)).sum())
+    return all("marked" in node.metadata for node in again)
+
+
+def test_held_grad_accumulators_are_the_ones_every_step_uses():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert not _marks_survive_a_step(model)  # unheld: each graph builds its own nodes (what train.py avoids)
+    model[0].bias.requires_grad_(False)  # a frozen parameter has no accumulator
+    held = grad_accumulators(model.parameters())
+    assert len(held) == 3 and {type(n).__name__ for n in held} == {"AccumulateGrad"}
+    assert _marks_survive_a_step(model) and _marks_survive_a_step(model)
+    assert {id(n) for n in _accumulators_in_graph(model(torch.randn(1, 3)).sum())} == {id(n) for n in held}
