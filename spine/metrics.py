@@ -32,6 +32,11 @@ class GradNorm:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(tensors), without its copy when there is only one."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 @dataclass(frozen=True)
 class EpochTotals:
     """What every rank agrees on at the end of an epoch, from one all-reduce."""
@@ -103,13 +108,13 @@ class EpochMeter:
     def _reduce_logits(self) -> None:
         """The held logits become predicted classes, in one argmax."""
         if self.logits:
-            self.predicted.append(torch.cat(self.logits).argmax(1))
+            self.predicted.append(_joined(self.logits).argmax(1))
             self.logits, self._logits_held = [], 0
 
     def _correct(self) -> torch.Tensor | None:
         """Per sample of the recorded (not restored) steps, in order: whether its class was predicted."""
         self._reduce_logits()
-        return torch.cat(self.predicted) == torch.cat(self.labels) if self.labels else None
+        return _joined(self.predicted) == _joined(self.labels) if self.labels else None
 
     def correct_per_step(self) -> torch.Tensor:
         """Each step's count of correct predictions (restored steps first): a 1-d tensor on the device."""

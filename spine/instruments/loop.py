@@ -64,6 +64,10 @@ class Instruments:
             else:  # one micro-batch against the step's k
                 self.noise = MicroBatchGradNoise(self.params)
             self.noise_flush = DeferredFlush(self.noise, self.noise_estimate, ctx.device)  # no rank waits on it
+        # With no instrument's flag set (the default), the per-step hooks return after the guards: on a small model
+        # each call and check of theirs is a visible part of the step.
+        self.optional = bool(self.layer_stats or self.noise is not None or self.sharpness_every
+                             or self.histograms_every)
 
     def _warn(self, message: str) -> None:
         if self.ctx.is_main:  # every rank sees the same state; one voice is enough
@@ -81,6 +85,8 @@ class Instruments:
         """Before step `step` (1-based) runs its first forward."""
         self.guards.training_forward(self.model, step)
         self.guards.grads_cleared(self.params, step)
+        if not self.optional:
+            return
         if self.noise is not None:  # by the global step, so a resumed run measures the same steps
             self.noise.measure = step % self.noise_every == 0
         if self.sharpness_every and (step - 1) % self.sharpness_every == 0:
@@ -90,14 +96,16 @@ class Instruments:
 
     def backward(self, micro_batch: int, step_batch: int) -> contextlib.AbstractContextManager:
         """Wraps one micro-batch's backward: the noise scale's small-batch gradient, on a step it measures."""
+        if self.noise is None:
+            return NO_CONTEXT
         if isinstance(self.noise, MicroBatchGradNoise):
             return self.noise.micro_batch(weight=micro_batch / step_batch, size=micro_batch)
-        if isinstance(self.noise, DDPGradNoise):
-            return self.noise.backward()
-        return NO_CONTEXT
+        return self.noise.backward()  # DDPGradNoise
 
     def before_update(self, step: int, grad_norm: torch.Tensor | None, step_batch: int) -> None:
         """After the step's last backward and its grad norm, before clipping and optimizer.step()."""
+        if not self.optional:
+            return
         if self.layer_stats and self.layer_stats.active:
             self.layer_stats.before_optimizer_step()
         if isinstance(self.noise, DDPGradNoise):
@@ -110,6 +118,8 @@ class Instruments:
 
     def after_update(self, step: int) -> None:
         """After optimizer.step() and scheduler.step() of step `step`."""
+        if not self.optional:
+            return
         if self.layer_stats and self.layer_stats.active:
             self.logger.scalars(step, self.layer_stats.end_step(self.all_reduce))  # a collective at world > 1
         if self.noise is not None and step % self.log_every == 0:
