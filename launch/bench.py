@@ -2,12 +2,14 @@
 
     python -m launch.bench [--out reports/bench] [--repeats 9] [--device cpu|cuda]
 
-Four cases (launch/bench_worker.py) time train.py and the bare loop with its per-epoch validation interleaved, in one
-process (or one torchrun job at world 2), each as the difference of a long and a short run. The thread study runs
-train.py as fresh processes at 1 thread, at every core and at its default, on an idle machine and under a competing
-load of one busy process per core. End to end times make overfit's command against the floor (import torch, one
-optimizer step). Last, torch's SummaryWriter and spine's EventFile write the same batch of TensorBoard events side
-by side (launch/bench_events.py). Writes <out>/bench.md (the table, targets and misses) and <out>/results.jsonl.
+Four cases (launch/bench_worker.py) time train.py and the bare loop with its per-epoch validation in one process (or
+one torchrun job at world 2), alternating block by block within each run of train.py, so that each block of one is
+timed next to blocks of the other; a drift probe measures how far the machine's speed moves meanwhile. The thread
+study runs train.py as fresh processes at 1 thread, at every core and at its default, on an idle machine and under a
+competing load of one busy process per core. End to end times make overfit's command against the floor (import
+torch, one optimizer step). Last, torch's SummaryWriter and spine's EventFile write the same batch of TensorBoard
+events side by side (launch/bench_events.py). Writes <out>/bench.md (the table, targets and misses) and
+<out>/results.jsonl.
 """
 
 from __future__ import annotations
@@ -107,6 +109,24 @@ def end_to_end(repeats: int, results: Path) -> None:
                     f.write(json.dumps(row) + "\n")
 
 
+def drift(seconds: float, results: Path, device: str) -> None:
+    """The machine's speed over `seconds`, in chunks of 25 bare steps of the 20,000-sample case (launch/bench_loops.py,
+    speed_drift): the noise every side-by-side comparison here has to beat."""
+    import torch
+
+    from launch.bench_loops import build_problem, speed_drift
+    from spine.config import parse_config
+
+    torch.set_num_threads(1)
+    cfg = parse_config([*CASES["rule20k"].flags, "--device", device], world_size=1)
+    data, model, optimizer = build_problem(cfg, torch.device(device))
+    speed_drift(model, optimizer, data, cfg.batch_size, 0.5)  # warm-up
+    per_step = speed_drift(model, optimizer, data, cfg.batch_size, seconds)
+    with open(results, "a") as f:
+        f.writelines(json.dumps({"case": "drift", "kind": "bare steps", "repeat": i, "seconds": s}) + "\n"
+                     for i, s in enumerate(per_step))
+
+
 def machine() -> dict:
     import psutil
     import torch
@@ -120,15 +140,16 @@ def machine() -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="reports/bench")
-    # 9, not 5: with up to 4 repeats far off to one side, a median of 9 still lies among the others' (of 5: up to 2).
-    p.add_argument("--repeats", type=int, default=9, help="interleaved repeats per pair")
+    p.add_argument("--repeats", type=int, default=9,
+                   help="runs of train.py per case and kind, each alternating with the bare loop")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="cuda: train.py against a bare CUDA loop (nccl at world 2)")
     p.add_argument("--thread-repeats", type=int, default=5)
     p.add_argument("--end-to-end-repeats", type=int, default=9)
     p.add_argument("--event-repeats", type=int, default=9, help="TensorBoard writers side by side (0: skip)")
-    p.add_argument("--epochs", default="", help="short,long epochs for every case (tests only)")
+    p.add_argument("--drift-seconds", type=float, default=10.0, help="the speed drift probe's length (0: skip)")
+    p.add_argument("--epochs", default="", help="epochs per run for every case, a multiple of its block (tests only)")
     opts = p.parse_args()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,6 +161,9 @@ def main() -> int:
         p.error(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
 
     load_start, t0 = os.getloadavg(), time.perf_counter()
+    if opts.drift_seconds:
+        print(f"bench: the machine's speed drift over {opts.drift_seconds:g} s", flush=True)
+        drift(opts.drift_seconds, results, opts.device)
     run_cases(cases, opts.repeats, results, opts.device, opts.epochs)
     if opts.thread_repeats and opts.device == "cpu":
         thread_study(opts.thread_repeats, results, opts.device)
@@ -159,8 +183,9 @@ def main() -> int:
         f"Python {info['python']}; device {opts.device}.",
         f"Load average (1/5/15 min) at start {' / '.join(f'{v:.2f}' for v in load_start)}, at end "
         f"{' / '.join(f'{v:.2f}' for v in load_end)}; the benchmark took {time.perf_counter() - t0:.0f} s.",
-        f"Command: `{command}`; {opts.repeats} interleaved repeats per pair, {opts.thread_repeats} per thread "
-        f"setting, {opts.end_to_end_repeats} end to end, {opts.event_repeats} per TensorBoard writer.",
+        f"Command: `{command}`; {opts.repeats} runs of train.py per case and kind, {opts.thread_repeats} per thread "
+        f"setting, {opts.end_to_end_repeats} end to end, {opts.event_repeats} per TensorBoard writer, "
+        f"{opts.drift_seconds:g} s of drift probe.",
         "",
     ]
     text = "\n".join(header) + build_table(rows, cases) + "\n"

@@ -3,12 +3,14 @@
 A bare loop over in-memory tensors (one process, or one rank of bare DDP): a shuffle per epoch, forward, loss,
 backward, step, zero-grad, and once per epoch a validation pass in eval mode under no_grad whose sums are
 all-reduced at world > 1. Nothing else: no metrics, logging, checks or checkpoints. The model, optimizer and data
-are built exactly as train.py builds them, and the caller times only the loop.
+are built exactly as train.py builds them. It runs an epoch at a time, so that launch/bench_worker.py can run it
+between train.py's epochs and time the two side by side.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +34,16 @@ def build_problem(cfg: Config, device: torch.device) -> tuple[SplitDataset, nn.M
     return data, model, optimizer
 
 
-def bare_loop(model: nn.Module, optimizer: torch.optim.Optimizer, data: SplitDataset, batch_size: int, epochs: int,
-              rank: int = 0, world: int = 1, seed: int = 0, eval_batch: int = 4096,
-              epoch_ends: list[float] | None = None) -> tuple[float, float]:
-    """What one writes by hand, validation included; at world > 1 the caller wraps `model` in DDP (bare DDP) and
-    each rank takes its 1/world slice of the same permutation. Returns (first loss, last validation loss); appends
-    the clock at each epoch's end to `epoch_ends`."""
+def bare_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, data: SplitDataset, batch_size: int,
+                rank: int = 0, world: int = 1, seed: int = 0, eval_batch: int = 4096) -> Iterator[tuple[float, float]]:
+    """What one writes by hand, validation included, one epoch per `next()`: at world > 1 the caller wraps `model` in
+    DDP (bare DDP) and each rank takes its 1/world slice of the same permutation. Yields (the first step's loss, the
+    epoch's validation loss) after each epoch; endless, the caller takes as many epochs as it times."""
     loss_fn = nn.CrossEntropyLoss()
     x, y = data.train_x, data.train_y
     generator = torch.Generator().manual_seed(seed)
-    first, val_loss = None, float("nan")
-    for _ in range(epochs):
+    first = None
+    while True:
         model.train()
         shard = torch.randperm(len(x), generator=generator)[rank::world].to(x.device)
         for start in range(0, len(shard), batch_size):
@@ -51,7 +52,7 @@ def bare_loop(model: nn.Module, optimizer: torch.optim.Optimizer, data: SplitDat
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            first = loss.detach() if first is None else first
+            first = loss.item() if first is None else first
         model.eval()
         with torch.no_grad():
             sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss sum, correct, count
@@ -63,7 +64,24 @@ def bare_loop(model: nn.Module, optimizer: torch.optim.Optimizer, data: SplitDat
                 sums[1] += (logits.argmax(1) == data.val_y[idx]).sum()
                 sums[2] += len(idx)
             loss_sum, _, count = all_reduce_sum(sums).tolist()
-            val_loss = loss_sum / count
-        if epoch_ends is not None:
-            epoch_ends.append(time.perf_counter())
-    return first.item(), val_loss
+        yield first, loss_sum / count
+
+
+def speed_drift(model: nn.Module, optimizer: torch.optim.Optimizer, data: SplitDataset, batch_size: int,
+                seconds: float, chunk_steps: int = 25) -> list[float]:
+    """How the machine's speed moves: the seconds per step of the bare loop's steps, timed in consecutive chunks of
+    `chunk_steps` for about `seconds`. Nothing else runs meanwhile, so every change between chunks is the
+    machine's."""
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = data.train_x, data.train_y
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    steps, per_step, start = len(x) // batch_size, [], time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        for i in range(len(per_step) * chunk_steps, (len(per_step) + 1) * chunk_steps):
+            idx = order[(i % steps) * batch_size:(i % steps + 1) * batch_size]
+            loss_fn(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        per_step.append((time.perf_counter() - t) / chunk_steps)
+    return per_step

@@ -1,7 +1,9 @@
 """The benchmark's one table, from the JSON lines launch/bench.py and its workers wrote.
 
-A ratio pairs two loops within the same repeat (interleaved, so slow phases of a shared machine hit both sides of
-a pair alike) and reports the median over repeats with the min-max; a target is judged on the median.
+train.py against the bare loop: each run of train.py alternates with the bare loop block by block
+(launch/bench_worker.py), a pair is two adjacent blocks, and a run's ratio is the median over its pairs; the table
+gives the median over runs (repeats) with their min-max, and judges a target on that median. Other ratios pair two
+loops within the same repeat and report the median over repeats with the min-max.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ def verdict(values: list[float], target: float, at_least: bool, unit: str = "") 
     return f"**missed** by {abs(value - target):.2f}{unit}" if missed else "met"
 
 
+def _run_ratio(run: dict) -> float:
+    """One train.py run's ratio to the bare loop: the median over its pairs of adjacent blocks."""
+    return statistics.median(bare / ours for bare, ours in run["pairs"])
+
+
+def _relative_time(run: dict) -> float:
+    """A run's time relative to the bare blocks it alternated with: comparable between runs of the same repeat."""
+    return run["seconds"] / run["bare_seconds"]
+
+
 def _clocked(rows: list[dict], case: str, key: str) -> list[float]:
     """Per train.py run of `case`, the seconds rank 0's clock `key` counted, as a share of its loop."""
     return [r[key] / r["loop_seconds"] for r in _by_repeat(rows, case=case, kind="train.py").values()]
@@ -54,17 +66,26 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
     def row(name: str, value: str, target: str = "", result: str = "") -> None:
         lines.append(f"| {name} | {value} | {target} | {result} |")
 
-    for name in cases:  # first: train.py against the bare loop doing the same work
-        bare, ours = _by_repeat(rows, case=name, kind="bare"), _by_repeat(rows, case=name, kind="train.py")
-        ratio = _paired(bare, ours, lambda b, t: b["seconds"] / t["seconds"])
-        row(f"**train.py / bare loop with validation**, {CASES[name].label}", spread(ratio),
-            f"≥ {TARGETS[name]:.2f}", verdict(ratio, TARGETS[name], at_least=True))
+    for name in cases:  # first: train.py against the bare loop doing the same work, judged on every pair
+        runs = _by_repeat(rows, case=name, kind="train.py").values()
+        pairs = [bare / ours for r in runs for bare, ours in r["pairs"]]
+        per_run = [_run_ratio(r) for r in runs]
+        value = f"{statistics.median(pairs):.2f} ({min(per_run):.2f}–{max(per_run):.2f})" if pairs else "n/a"
+        row(f"**train.py / bare loop with validation**, {CASES[name].label}: the median over every pair (min–max "
+            f"of the runs' medians)", value, f"≥ {TARGETS[name]:.2f}", verdict(pairs, TARGETS[name], at_least=True))
     for name in cases:
-        bare, ours = _by_repeat(rows, case=name, kind="bare"), _by_repeat(rows, case=name, kind="train.py")
-        per_epoch = [(b["seconds"] / b["epochs"] * 1000, t["seconds"] / t["epochs"] * 1000)
-                     for b, t in zip(bare.values(), ours.values(), strict=False)]
-        row(f"ms per epoch, bare / train.py: {name}", f"{spread([b for b, _ in per_epoch], '{:.1f}')} / "
-            f"{spread([t for _, t in per_epoch], '{:.1f}')}")
+        runs = _by_repeat(rows, case=name, kind="train.py").values()
+        pairs = [bare / ours for r in runs for bare, ours in r["pairs"]]
+        if len(pairs) > 1:
+            low, median, high = statistics.quantiles(pairs, n=4)
+            row(f"the same, pairs of a train.py block ({CASES[name].block} epoch(s)) and its two bare neighbours, "
+                f"median (interquartile range): {name}", f"{median:.2f} ({low:.2f}–{high:.2f}), {len(pairs)} pairs "
+                f"in {len(per_run)} runs")
+    for name in cases:
+        runs = _by_repeat(rows, case=name, kind="train.py").values()
+        row(f"ms per epoch, bare / train.py: {name}",
+            f"{spread([r['bare_seconds'] / r['epochs'] * 1000 for r in runs], '{:.1f}')} / "
+            f"{spread([r['seconds'] / r['epochs'] * 1000 for r in runs], '{:.1f}')}")
     for name in cases:  # judged by the clock: the whole-run difference below is tens of times wider than 2%
         share = _clocked(rows, name, "logging_seconds")
         row(f"TensorBoard + per-step scalars + console at default cadence, rank 0's clock, % of the loop: {name}",
@@ -74,9 +95,10 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
             _percent(_clocked(rows, name, "grad_norm_seconds")))
     for name in (c for c in cases if CASES[c].world == 1):
         ours, quiet = _by_repeat(rows, case=name, kind="train.py"), _by_repeat(rows, case=name, kind="train.py quiet")
-        share = _paired(ours, quiet, lambda t, q: (t["seconds"] - q["seconds"]) / t["seconds"])
+        share = _paired(ours, quiet, lambda t, q: 1 - _relative_time(q) / _relative_time(t))
         row(f"logging, grad norm and --log-every checks, whole-run difference against train.py without them "
-            f"(pairs; spread wider than the target), % of train.py's time: {name}", _percent(share))
+            f"(each run's time over its bare blocks, paired; spread wider than the target), % of train.py's time: "
+            f"{name}", _percent(share))
     for name in cases:
         ours, noise = _by_repeat(rows, case=name, kind="train.py"), _by_repeat(rows, case=name,
                                                                                kind="train.py noise-scale")
@@ -85,9 +107,9 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
             row(f"--noise-scale at its default cadence (one step in --log-every), its own code by rank 0's clock, "
                 f"% of the loop: {name}", _percent(own), f"≤ {NOISE_SCALE_MAX:.0%}",
                 verdict(own, NOISE_SCALE_MAX, at_least=False))
-            share = _paired(ours, noise, lambda t, n: (n["seconds"] - t["seconds"]) / n["seconds"])
-            row(f"--noise-scale, whole-run difference against train.py (pairs; spread wider than the target), "
-                f"% of its run's time: {name}", _percent(share))
+            share = _paired(ours, noise, lambda t, n: 1 - _relative_time(t) / _relative_time(n))
+            row(f"--noise-scale, whole-run difference against train.py (each run's time over its bare blocks, "
+                f"paired; spread wider than the target), % of its run's time: {name}", _percent(share))
     for name in cases:
         share = _clocked(rows, name, "checkpoint_seconds")
         saves = sorted({r["checkpoints"] for r in _by_repeat(rows, case=name, kind="train.py").values()})
@@ -112,6 +134,17 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
             row(f"threads: default ({'/'.join(map(str, chosen))} of {next(iter(default.values()))['cores']} cores) "
                 f"/ the better of 1 thread and all cores by median ({better_label}), {load}: {name}", spread(ratio),
                 f"≥ {THREADS_MIN}", verdict(ratio, THREADS_MIN, at_least=True))
+    drift = [r["seconds"] for r in sorted(_by_repeat(rows, case="drift").values(), key=lambda r: r["repeat"])]
+    if len(drift) > 20:  # the noise that every pair above has to beat
+        median = statistics.median(drift)
+        deciles = statistics.quantiles([s / median for s in drift], n=10)
+        row(f"machine speed drift, {len(drift)} chunks of 25 bare steps (rule20k) in a row: a chunk's time per step "
+            f"over the median, 10th–90th percentile", f"{deciles[0]:.2f}–{deciles[-1]:.2f}")
+        for lag, span in ((1, "the next chunk"), (10, "the chunk 10 later (about one rule20k epoch)")):
+            ratios = [b / a for a, b in zip(drift, drift[lag:], strict=False)]
+            deciles = statistics.quantiles(ratios, n=10)
+            row(f"machine speed drift: a chunk's time over {span}'s, 10th–90th percentile",
+                f"{deciles[0]:.2f}–{deciles[-1]:.2f}")
     summary_writer, event_file = (_by_repeat(rows, case="tensorboard events", kind=k) for k in ("SummaryWriter",
                                                                                                 "EventFile"))
     if event_file:

@@ -1,20 +1,24 @@
-"""One benchmark process (world 1) or rank (world 2 under torchrun): interleaved timed runs of each loop of a case.
+"""One benchmark process (world 1) or rank (world 2 under torchrun): train.py's runs, each alternating with the bare
+loop block by block, so that every block of train.py is timed next to the bare loop's blocks on either side.
 
     python -m launch.bench_worker --case default --out results.jsonl --repeats 5
     torchrun --standalone --nproc_per_node=2 -m launch.bench_worker --case world2 ...
 
-Every loop of the case runs in this same process, one after the other, repeat after repeat (the order rotates each
-repeat), so all of them share the machine's load: its speed drifts by +-25% over seconds on these shared machines,
-so each timed run is short and its neighbours in the same repeat are its comparison. What is timed is the wall time
-of every epoch but the first (its warm-up), summed: for train.py each epoch row's `epoch_wall_seconds` (steps,
-validation, the all-reduce, logging, checkpoints; the final checkpoint, after the last row, is its own row).
-  bare           launch/bench_loops.py: the bare loop with its per-epoch validation (bare DDP at world 2)
+The machine's speed drifts by tens of percent within a second on these shared VMs (make bench measures it: the
+drift rows), so two whole runs one after the other are a poor pair. Here, while train.py runs, its logger's epoch
+call hands over to the bare loop (launch/bench_loops.py: the same model, optimizer, data and per-epoch validation,
+built apart) every `block` epochs: `block` epochs of train.py, then `block` of the bare loop, and again. A pair is a
+train.py block, timed next to the mean of the bare blocks just before and just after it (a steady drift cancels);
+train.py's first block is warm-up, and the bare loop's warm-up epoch comes before the run. A train.py block runs
+from the end of the bare block before it to the end of its last epoch's logger call: its steps, validation, the
+all-reduce, logging, and any checkpoint on the way (the final one comes after the last epoch row: its own clocked
+row). The kinds:
   train.py       train.run() with its defaults
   train.py quiet the same without TensorBoard, per-step scalars or console lines (the logging row)
-  train.py noise-scale  the same with --noise-scale (world 2: the cost of the instrument's comm hook)
+  train.py noise-scale  the same with --noise-scale (world 2: the cost of the instrument's hooks)
 Clocks inside the train.py runs (FunctionClock) give rank 0's seconds in checkpoint writes, the non-finite checks,
-the logging calls and --noise-scale's own code: costs smaller than the noise of two whole runs. Rank 0 appends one
-JSON line per repeat and loop to --out.
+the logging calls and --noise-scale's own code, as a share of train.py's own loop (the bare blocks taken out):
+costs smaller than the noise of two whole runs. Rank 0 appends one JSON line per repeat and kind to --out.
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train
-from launch.bench_loops import bare_loop, build_problem
+from launch.bench_loops import bare_epochs, build_problem
 from spine import checkpoint as ckpt
 from spine.config import parse_config
 from spine.distributed import DistContext, barrier, distributed_session
@@ -53,23 +58,26 @@ KIND_FLAGS = {"train.py": [], "train.py quiet": QUIET, "train.py noise-scale": [
 class Case:
     label: str
     flags: tuple[str, ...]  # train.py flags of the recipe
-    epochs: int  # per timed run; the first is warm-up and not counted
+    epochs: int  # per run of train.py; its first block, and the bare loop's, are warm-up and not counted
     world: int = 1
-    kinds: tuple[str, ...] = ("bare", "train.py", "train.py quiet")  # the loops timed side by side
+    kinds: tuple[str, ...] = ("train.py", "train.py quiet")  # train.py's runs, each alternating with the bare loop
+    block: int = 1  # epochs of train.py, then of the bare loop, in turn: a block lasts a few tenths of a second
 
 
 CASES = {
-    # 100 epochs: make overfit's own run, so its one final checkpoint is weighed against the run it ends.
-    "default": Case("default recipe (make overfit: moons 200, MLP 64-64, batch 32, 5 steps/epoch)", (), 100),
+    # 100 epochs: make overfit's own run, so its one final checkpoint is weighed against the run it ends. Blocks of
+    # 10 of its 3-5 ms epochs: each loop runs warm, as in a run of its own, and a pair spans a tenth of a second.
+    "default": Case("default recipe (make overfit: moons 200, MLP 64-64, batch 32, 5 steps/epoch)", (), 100,
+                    block=10),
     "rule20k": Case("rule 20,000 samples, 8-d, 4 classes, MLP 64-64, batch 64 (250 steps/epoch)",
                     ("--dataset", "rule", "--dim", "8", "--classes", "4", "--n-samples", "20000",
-                     "--batch-size", "64"), 3),
+                     "--batch-size", "64"), 12),
     "medium": Case("medium MLP 1024-1024, moons 4,000, batch 32 (100 steps/epoch)",
                    ("--hidden", "1024,1024", "--n-samples", "4000"), 3),
     "world2": Case("world 2 (gloo): rule 20,000, MLP 64-64, 32 per rank (250 steps/epoch)",
                    ("--dataset", "rule", "--dim", "8", "--classes", "4", "--n-samples", "20000",
-                    "--batch-size", "32"), 3, world=2,
-                   kinds=("bare", "train.py", "train.py quiet", "train.py noise-scale")),
+                    "--batch-size", "32"), 5, world=2,
+                   kinds=("train.py", "train.py quiet", "train.py noise-scale")),
 }
 
 THREAD_CASES = {"default": 60, "medium": 2}  # case -> epochs of each timed run in make bench's thread study
@@ -166,49 +174,93 @@ def always_on(clocks: dict) -> contextlib.ExitStack:
     return stack
 
 
-def run_train_py(args: list[str], ctx: DistContext, scratch: Path, name: str,
-                 clocks: dict[str, FunctionClock]) -> dict:
+class Handover:
+    """While entered, every `block`-th epoch row of train.py (RunLogger.epoch, on every rank) is followed by `block`
+    epochs of the bare loop `bare`, each side timed: a train.py block from the end of the bare block before it to
+    the end of its last epoch's logger call, a bare block from there to its end. Each train.py block but the first
+    (its warm-up) is paired with the mean of the bare blocks on either side of it, so a drift of the machine's
+    speed that is steady over the three cancels out."""
+
+    def __init__(self, bare: Iterator[tuple[float, float]], block: int) -> None:
+        self.bare, self.block = bare, block
+        self.train_blocks: list[float] = []  # from the second block on (the first is warm-up)
+        self.bare_blocks: list[float] = []  # every block (the caller warms the bare loop up beforehand)
+        self.bare_losses = (float("nan"), float("nan"))  # the bare loop's first step loss, last validation loss
+        self._resumed: float | None = None
+
+    def __enter__(self) -> Handover:
+        self._original = RunLogger.epoch
+        handover = self
+
+        def epoch(logger: RunLogger, record: dict, elapsed: float) -> None:
+            handover._original(logger, record, elapsed)
+            if record["epoch"] % handover.block == 0:
+                handover._bare_block()
+
+        RunLogger.epoch = epoch
+        return self
+
+    def __exit__(self, *exc) -> None:
+        RunLogger.epoch = self._original
+
+    def _bare_block(self) -> None:
+        t = time.perf_counter()
+        if self._resumed is not None:
+            self.train_blocks.append(t - self._resumed)
+        for _ in range(self.block):
+            self.bare_losses = next(self.bare)
+        self._resumed = time.perf_counter()
+        self.bare_blocks.append(self._resumed - t)
+
+    @property
+    def pairs(self) -> list[tuple[float, float]]:
+        """(bare seconds, train.py seconds): each timed train.py block with the mean of its two bare neighbours."""
+        return [((before + after) / 2, ours)
+                for before, after, ours in zip(self.bare_blocks[:-1], self.bare_blocks[1:], self.train_blocks,
+                                                strict=True)]
+
+
+def run_paired(args: list[str], ctx: DistContext, scratch: Path, name: str, block: int,
+               clocks: dict[str, FunctionClock]) -> dict:
+    """One train.py run with `args`, alternating with the bare loop block by block (Handover)."""
+    cfg = parse_config(args, world_size=ctx.world_size)
+    data, model, optimizer = build_problem(cfg, ctx.device)
+    if ctx.world_size > 1:
+        model = DDP(model)  # bare DDP, wrapped before anything is timed, as train.py does
+    bare = bare_epochs(model, optimizer, data, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed,
+                       cfg.eval_batch_size)
+    next(bare)  # its warm-up epoch, untimed: its first timed block comes after train.py's first
     argv = args + ["--runs-dir", str(scratch / "runs"), "--checkpoints-dir", str(scratch / "ckpt"),
                    "--run-name", name, "--overwrite", "--threads", str(ctx.threads)]
     for clock in clocks.values():
         clock.reset()
-    with open(scratch / f"{name}.log", "w") as log, contextlib.redirect_stdout(log):
+    barrier()
+    with open(scratch / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), Handover(bare, block) as run:
         code = train.run(argv, ctx)
     if code != 0:
         raise SystemExit(f"bench: train.py {' '.join(argv)} exited {code}; see {scratch / f'{name}.log'}")
     if not ctx.is_main:  # only rank 0 writes the run's files, and only rank 0 records the row
-        return {"seconds": 0.0, "steps": 0, "checkpoint_seconds": 0.0, "checkpoints": 0, "noise_seconds": 0.0}
+        return {}
     summary, epochs = read_run(scratch / "runs" / name)
-    return {"seconds": sum(e["epoch_wall_seconds"] for e in epochs[1:]), "epochs": len(epochs) - 1,
-            "steps": sum(e["step"] for e in epochs[-1:]) - epochs[0]["step"], "loop_seconds": summary["loop_seconds"],
-            "first_loss": summary["first_step_loss"], "last_loss": summary["final"]["val_loss"],
+    timed_epochs = len(run.pairs) * block
+    own_loop = summary["loop_seconds"] - sum(run.bare_blocks)  # train.py's own time: the bare blocks taken out
+    return {"pairs": run.pairs, "seconds": sum(t for _, t in run.pairs), "bare_seconds": sum(b for b, _ in run.pairs),
+            "epochs": timed_epochs, "steps": epochs[-1]["step"] - epochs[block - 1]["step"],
+            "loop_seconds": own_loop, "first_loss": summary["first_step_loss"],
+            "last_loss": summary["final"]["val_loss"], "bare_first_loss": run.bare_losses[0],
+            "bare_last_loss": run.bare_losses[1],
             "checkpoint_seconds": clocks["checkpoint"].seconds, "checkpoints": clocks["checkpoint"].calls,
             "guard_seconds": clocks["guard"].seconds, "logging_seconds": clocks["logging"].seconds,
             "logging_parts": dict(clocks["logging"].by_function), "grad_norm_seconds": clocks["grad norm"].seconds,
             "noise_seconds": clocks["noise"].seconds, "noise_parts": dict(clocks["noise"].by_function)}
 
 
-def run_bare(args: list[str], ctx: DistContext) -> dict:
-    cfg = parse_config(args, world_size=ctx.world_size)
-    data, model, optimizer = build_problem(cfg, ctx.device)
-    if ctx.world_size > 1:
-        model = DDP(model)  # wrapped before the clock starts, as train.py does
-    barrier()
-    epoch_ends: list[float] = []
-    first, last = bare_loop(model, optimizer, data, cfg.batch_size, cfg.epochs, ctx.rank, ctx.world_size, cfg.seed,
-                            cfg.eval_batch_size, epoch_ends)
-    shard = -(-len(data.train_x) // ctx.world_size)
-    return {"seconds": epoch_ends[-1] - epoch_ends[0], "epochs": cfg.epochs - 1,
-            "steps": (cfg.epochs - 1) * -(-shard // cfg.batch_size), "first_loss": first, "last_loss": last}
-
-
-def run_kind(kind: str, args: list[str], ctx: DistContext, scratch: Path, clocks: dict[str, FunctionClock]) -> dict:
-    if kind == "bare":
-        return run_bare(args, ctx)
+def run_kind(kind: str, args: list[str], ctx: DistContext, scratch: Path, block: int,
+             clocks: dict[str, FunctionClock]) -> dict:
     # The noise clock wraps functions every step calls: entered only around the runs it measures, so its own
     # wrappers add nothing to the others.
     with clocks["noise"] if kind == "train.py noise-scale" else contextlib.nullcontext():
-        return run_train_py(args + KIND_FLAGS[kind], ctx, scratch, kind.replace(" ", "-"), clocks)
+        return run_paired(args + KIND_FLAGS[kind], ctx, scratch, kind.replace(" ", "-"), block, clocks)
 
 
 def main() -> int:
@@ -218,11 +270,14 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kinds", default="", help="comma-separated (default: the case's own)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--epochs", type=int, default=0, help="epochs per timed run instead of the case's (tests only)")
+    p.add_argument("--epochs", type=int, default=0, help="epochs per run instead of the case's (tests only)")
+    p.add_argument("--block", type=int, default=0, help="epochs per block instead of the case's (tests only)")
     opts = p.parse_args()
     case = CASES[opts.case]
     kinds = opts.kinds.split(",") if opts.kinds else list(case.kinds)
-    epochs = opts.epochs or case.epochs
+    epochs, block = opts.epochs or case.epochs, opts.block or case.block
+    if epochs % block or epochs < 2 * block:
+        p.error(f"--epochs {epochs} must be a multiple of the block ({block}), at least two blocks")
     clocks = all_clocks()
     with (distributed_session(opts.device, 1, 120.0) as ctx, always_on(clocks),
           tempfile.TemporaryDirectory(prefix="bench-") as tmp):
@@ -230,13 +285,12 @@ def main() -> int:
         scratch.mkdir()
         base = [*case.flags, "--device", opts.device]
         for kind in kinds:  # warm-up, untimed: lazy imports, allocator, first optimizer step
-            run_kind(kind, base + ["--epochs", "2"], ctx, scratch, clocks)
+            run_kind(kind, base + ["--epochs", "2"], ctx, scratch, 1, clocks)
         for repeat in range(opts.repeats):
             shift = repeat % len(kinds)
             for kind in kinds[shift:] + kinds[:shift]:
                 gc.collect()  # the garbage of earlier runs in this process must not land in this one's time
-                barrier()
-                timed = run_kind(kind, base + ["--epochs", str(epochs)], ctx, scratch, clocks)
+                timed = run_kind(kind, base + ["--epochs", str(epochs)], ctx, scratch, block, clocks)
                 if ctx.is_main:
                     row = dict(timed, case=opts.case, world=ctx.world_size, kind=kind, repeat=repeat,
                                device=opts.device)

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from launch.bench_events import compare
+from launch.bench_loops import build_problem, speed_drift
 from launch.bench_table import build_table
 from launch.bench_worker import CASES, FunctionClock, all_clocks, always_on, run_kind
+from spine.config import parse_config
 from spine.distributed import distributed_session
 from spine.instruments.loop import Instruments
 
-TINY = ["--hidden", "16", "--epochs", "3"]
+TINY = ["--hidden", "16", "--epochs", "6"]
 
 
 def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
@@ -23,10 +25,15 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
     # At world 1 the noise scale needs two micro-batches: 8 x 2 keeps 5 steps per epoch.
     flags = {"train.py noise-scale": ["--batch-size", "16", "--grad-accum-steps", "2"]}
     with distributed_session("cpu", 1, 60.0) as ctx, always_on(clocks):
-        for kind in ("bare", "train.py", "train.py quiet", "train.py noise-scale"):
-            r = run_kind(kind, TINY + flags.get(kind, []), ctx, tmp_path, clocks)
-            assert r["seconds"] > 0 and r["steps"] == 10 and r["epochs"] == 2, (kind, r)  # 5 steps/epoch, 1st untimed
+        for kind in ("train.py", "train.py quiet", "train.py noise-scale"):
+            # Blocks of 2 epochs: 6 epochs of train.py alternate with 6 of the bare loop; the first block of each is
+            # warm-up, so two pairs of 2 epochs (10 steps) each are timed.
+            r = run_kind(kind, TINY + flags.get(kind, []), ctx, tmp_path, 2, clocks)
+            assert len(r["pairs"]) == 2 and all(b > 0 and t > 0 for b, t in r["pairs"]), (kind, r)
+            assert r["steps"] == 20 and r["epochs"] == 4, (kind, r)  # 5 steps/epoch, the first block untimed
+            assert r["seconds"] == sum(t for _, t in r["pairs"]) and 0 < r["loop_seconds"], (kind, r)
             assert r["last_loss"] < r["first_loss"], f"{kind} did not train: {r}"
+            assert r["bare_last_loss"] < r["bare_first_loss"], f"the bare loop beside {kind} did not train: {r}"
             rows += [dict(r, case=case, world=CASES[case].world, kind=kind, repeat=0) for case in CASES]
         assert torch.get_num_threads() == 1
     assert all(r["checkpoints"] == 1 and r["checkpoint_seconds"] > 0 for r in rows if r["kind"] == "train.py")
@@ -48,6 +55,10 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
     rows += [{"case": "end to end", "kind": k, "repeat": 0, "seconds": s} for k, s in (("make overfit", 3.0),
                                                                                        ("floor", 2.0))]
     rows += compare(repeats=2, events=5)
+    data, model, optimizer = build_problem(parse_config(TINY, world_size=1), torch.device("cpu"))
+    per_step = speed_drift(model, optimizer, data, 32, seconds=0.2, chunk_steps=5)
+    assert len(per_step) > 20 and all(s > 0 for s in per_step), per_step
+    rows += [{"case": "drift", "kind": "bare steps", "repeat": i, "seconds": s} for i, s in enumerate(per_step)]
     table = build_table(rows, list(CASES)).splitlines()
     assert table[0] == "| measurement | value: median (min–max) | target | verdict |"
     assert all(line.count("|") == table[0].count("|") for line in table), "ragged table"
@@ -56,7 +67,8 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
                  "grad norm on the logged steps", "whole-run difference against train.py without them",
                  "TensorBoard, 5 events written and flushed", "SummaryWriter / EventFile (pairs)",
                  "checkpoints at the default cadence", "threads: default (2 of 2 cores)", "end to end",
-                 "--noise-scale at its default cadence", "--noise-scale, whole-run difference", "non-finite checks"):
+                 "--noise-scale at its default cadence", "--noise-scale, whole-run difference", "non-finite checks",
+                 "pairs of a train.py block", "machine speed drift", "the chunk 10 later"):
         assert name in text, name
     assert table[2].startswith("| **train.py / bare loop with validation**")  # the first rows: the like-for-like ratios
     assert "n/a" not in text and "not measured" not in text
