@@ -60,7 +60,7 @@ optimizer: $(STAMP) ## the papers' checks: edge of stability, noise scale vs cri
 report: $(STAMP) ## rerun what the write-ups cite but is missing (FORCE=1: all of it), refill their tables
 	$(PY) -m launch.report $(if $(FORCE),--force)
 
-bench: $(STAMP) ## train.py's loop vs bare, tutorial and bare-DDP loops, side by side (reports/bench/bench.md)
+bench: $(STAMP) ## train.py's loop vs a bare loop doing the same work, block by block in one process (reports/bench/bench.md)
 	$(PY) -m launch.bench --out reports/bench
 
 test: $(STAMP) ## ruff, then the test suite (CPU, gloo, real processes)
