@@ -149,7 +149,8 @@ def main() -> int:
     p.add_argument("--end-to-end-repeats", type=int, default=9)
     p.add_argument("--event-repeats", type=int, default=9, help="TensorBoard writers side by side (0: skip)")
     p.add_argument("--drift-seconds", type=float, default=10.0, help="the speed drift probe's length (0: skip)")
-    p.add_argument("--epochs", default="", help="epochs per run for every case, a multiple of its block (tests only)")
+    p.add_argument("--epochs", default="",
+                   help="epochs per run for every case, a multiple of every case's block (tests only)")
     opts = p.parse_args()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -93,3 +93,28 @@ def test_held_grad_accumulators_are_the_ones_every_step_uses():
     assert len(held) == 3 and {type(n).__name__ for n in held} == {"AccumulateGrad"}
     assert _marks_survive_a_step(model) and _marks_survive_a_step(model)
     assert {id(n) for n in _accumulators_in_graph(model(torch.randn(1, 3)).sum())} == {id(n) for n in held}
+
+
+def test_train_py_keeps_the_same_accumulators_from_step_to_step(tmp_path, monkeypatch):
+    """train.py holds them: each training forward after the first finds its weight's node from the step before."""
+    import train
+
+    seen = []  # per training forward: whether the weight's AccumulateGrad node carries the mark of an earlier one
+
+    def mark(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # the training forwards (validation runs under no_grad)
+            node = torch.autograd.graph.get_gradient_edge(module.weight).node
+            seen.append("marked" in node.metadata)
+            node.metadata["marked"] = True
+
+    def build_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(mark)
+        return model
+
+    build = train.build_model
+    monkeypatch.setattr(train, "build_model", build_model)
+    code = train.run(["--epochs", "2", "--threads", "1", "--no-tensorboard", "--runs-dir", str(tmp_path / "runs"),
+                      "--checkpoints-dir", str(tmp_path / "ck")])
+    assert code == 0 and len(seen) == 10  # 2 epochs of 5 steps
+    assert seen == [False] + [True] * 9, seen
