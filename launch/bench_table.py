@@ -67,27 +67,26 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
     def row(name: str, value: str, target: str = "", result: str = "") -> None:
         lines.append(f"| {name} | {value} | {target} | {result} |")
 
+    runs = {name: list(_by_repeat(rows, case=name, kind="train.py").values()) for name in cases}
+    pairs = {name: [bare / ours for r in runs[name] for bare, ours in r["pairs"]] for name in cases}
     for name in cases:  # first: train.py against the bare loop doing the same work, judged on every pair
-        runs = _by_repeat(rows, case=name, kind="train.py").values()
-        pairs = [bare / ours for r in runs for bare, ours in r["pairs"]]
-        per_run = [_run_ratio(r) for r in runs]
+        per_run = [_run_ratio(r) for r in runs[name]]
         # Three decimals for the median judged against the target: a verdict at the edge shows as one.
-        value = f"{statistics.median(pairs):.3f} ({min(per_run):.2f}–{max(per_run):.2f})" if pairs else "n/a"
+        value = (f"{statistics.median(pairs[name]):.3f} ({min(per_run):.2f}–{max(per_run):.2f})" if pairs[name]
+                 else "n/a")
         row(f"**train.py / bare loop with validation**, {CASES[name].label}: the median over every pair (min–max "
-            f"of the runs' medians)", value, f"≥ {TARGETS[name]:.2f}", verdict(pairs, TARGETS[name], at_least=True))
+            f"of the runs' medians)", value, f"≥ {TARGETS[name]:.2f}",
+            verdict(pairs[name], TARGETS[name], at_least=True))
     for name in cases:
-        runs = _by_repeat(rows, case=name, kind="train.py").values()
-        pairs = [bare / ours for r in runs for bare, ours in r["pairs"]]
-        if len(pairs) > 1:
-            low, median, high = statistics.quantiles(pairs, n=4)
+        if len(pairs[name]) > 1:
+            low, median, high = statistics.quantiles(pairs[name], n=4)
             row(f"the same, pairs of a train.py block ({CASES[name].block} epoch(s)) and its two bare neighbours, "
-                f"median (interquartile range): {name}", f"{median:.2f} ({low:.2f}–{high:.2f}), {len(pairs)} pairs "
-                f"in {len(runs)} runs")
+                f"median (interquartile range): {name}", f"{median:.2f} ({low:.2f}–{high:.2f}), "
+                f"{len(pairs[name])} pairs in {len(runs[name])} runs")
     for name in cases:
-        runs = _by_repeat(rows, case=name, kind="train.py").values()
         row(f"ms per epoch, bare / train.py: {name}",
-            f"{spread([r['bare_seconds'] / r['epochs'] * 1000 for r in runs], '{:.1f}')} / "
-            f"{spread([r['seconds'] / r['epochs'] * 1000 for r in runs], '{:.1f}')}")
+            f"{spread([r['bare_seconds'] / r['epochs'] * 1000 for r in runs[name]], '{:.1f}')} / "
+            f"{spread([r['seconds'] / r['epochs'] * 1000 for r in runs[name]], '{:.1f}')}")
     for name in cases:  # judged by the clock: the whole-run difference below is tens of times wider than 2%
         share = _clocked(rows, name, "logging_seconds")
         row(f"TensorBoard + per-step scalars + console at default cadence, rank 0's clock, % of the loop: {name}",

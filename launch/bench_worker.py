@@ -242,9 +242,10 @@ def run_paired(args: list[str], ctx: DistContext, scratch: Path, name: str, bloc
     if not ctx.is_main:  # only rank 0 writes the run's files, and only rank 0 records the row
         return {}
     summary, epochs = read_run(scratch / "runs" / name)
-    timed_epochs = len(run.pairs) * block
+    pairs = run.pairs
+    timed_epochs = len(pairs) * block
     own_loop = summary["loop_seconds"] - sum(run.bare_blocks)  # train.py's own time: the bare blocks taken out
-    return {"pairs": run.pairs, "seconds": sum(t for _, t in run.pairs), "bare_seconds": sum(b for b, _ in run.pairs),
+    return {"pairs": pairs, "seconds": sum(t for _, t in pairs), "bare_seconds": sum(b for b, _ in pairs),
             "epochs": timed_epochs, "steps": epochs[block - 1 + timed_epochs]["step"] - epochs[block - 1]["step"],
             "loop_seconds": own_loop, "first_loss": summary["first_step_loss"],
             "last_loss": summary["final"]["val_loss"], "bare_first_loss": run.bare_losses[0],

@@ -56,7 +56,7 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
                                                                                        ("floor", 2.0))]
     rows += compare(repeats=2, events=5)
     data, model, optimizer = build_problem(parse_config(TINY, world_size=1), torch.device("cpu"))
-    per_step = speed_drift(model, optimizer, data, 32, seconds=0.2, chunk_steps=5)
+    per_step = speed_drift(model, optimizer, data, 32, seconds=0.2, chunk_steps=2)
     assert len(per_step) > 20 and all(s > 0 for s in per_step), per_step
     rows += [{"case": "drift", "kind": "bare steps", "repeat": i, "seconds": s} for i, s in enumerate(per_step)]
     table = build_table(rows, list(CASES)).splitlines()
