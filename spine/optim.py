@@ -11,12 +11,15 @@ from torch.autograd.graph import Node, get_gradient_edge
 
 def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, momentum: float,
                     weight_decay: float) -> torch.optim.Optimizer:
+    """foreach=True: torch picks the multi-tensor update by default only when every parameter is on a GPU. On the
+    CPU it is one call per operation for all parameters instead of one per parameter and operation, the same
+    kernels on the same floats (bit-identical weights), and on a small model a third less time per update."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
