@@ -63,9 +63,11 @@ report: $(STAMP) ## rerun what the write-ups cite but is missing (FORCE=1: all o
 bench: $(STAMP) ## train.py's loop vs a bare loop doing the same work, block by block in one process (reports/bench/bench.md)
 	$(PY) -m launch.bench --out reports/bench
 
+# Three workers on two cores: the Slurm tests and the hang tests spend most of their time waiting (on the
+# scheduler, on a process-group timeout), and a third worker keeps both cores busy meanwhile.
 test: $(STAMP) ## ruff, then the test suite (CPU, gloo, real processes)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 3 --dist loadgroup
 
 test-slow: $(STAMP) ## the torch.compile tests left out of make test (minutes of cold CPU compiles)
 	$(PY) -m pytest -q -m slow

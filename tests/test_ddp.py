@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -25,6 +26,20 @@ TOLERANCE = {"rtol": 1.3e-6, "atol": 1e-5}
 for _name, _flags in OPTIMIZERS.items():
     world2_run(f"ddp-{_name}", COMMON + _flags + ["--batch-size", "16"])
 world2_run("ddp-batchnorm", COMMON + ["--batchnorm", "--batch-size", "16"])
+
+
+@pytest.mark.distributed
+def test_the_world2_jobs_users_share_one_xdist_worker(request, world2):
+    """The world-2 job is a session fixture: each xdist worker that runs one of its users runs the whole job again.
+    tests/conftest.py marks its users (this test is one) as one xdist_group; under make test's --dist loadgroup,
+    xdist must also have put the group into their node ids, which is what it schedules by (pytest 9.2 with
+    xdist 3.8 did not, silently)."""
+    users = [item for item in request.session.items if "world2" in item.fixturenames]
+    assert request.node in users
+    for item in users:
+        assert [m.args for m in item.iter_markers("xdist_group")] == [("world2",)], item.nodeid
+    if os.environ.get("PYTEST_XDIST_WORKER") and request.config.getoption("dist", "no") == "loadgroup":
+        assert all(item.nodeid.endswith("@world2") for item in users), [item.nodeid for item in users]
 
 
 @pytest.mark.distributed
