@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from launch.bench_events import compare as compare_event_writers
-from launch.bench_table import build_table
+from launch.bench_table import DRIFT_MIN_CHUNKS, build_table
 from launch.bench_worker import CASES, THREAD_CASES
 from launch.runner import ROOT, TORCHRUN
 from spine.distributed import cores_per_rank
@@ -121,7 +121,7 @@ def drift(seconds: float, results: Path, device: str) -> None:
     cfg = parse_config([*CASES["rule20k"].flags, "--device", device], world_size=1)
     data, model, optimizer = build_problem(cfg, torch.device(device))
     speed_drift(model, optimizer, data, cfg.batch_size, 0.5)  # warm-up
-    per_step = speed_drift(model, optimizer, data, cfg.batch_size, seconds)
+    per_step = speed_drift(model, optimizer, data, cfg.batch_size, seconds, min_chunks=DRIFT_MIN_CHUNKS)
     with open(results, "a") as f:
         f.writelines(json.dumps({"case": "drift", "kind": "bare steps", "repeat": i, "seconds": s}) + "\n"
                      for i, s in enumerate(per_step))

@@ -68,15 +68,15 @@ def bare_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, data: SplitD
 
 
 def speed_drift(model: nn.Module, optimizer: torch.optim.Optimizer, data: SplitDataset, batch_size: int,
-                seconds: float, chunk_steps: int = 25) -> list[float]:
+                seconds: float, chunk_steps: int = 25, min_chunks: int = 0) -> list[float]:
     """How the machine's speed moves: the seconds per step of the bare loop's steps, timed in consecutive chunks of
-    `chunk_steps` for about `seconds`. Nothing else runs meanwhile, so every change between chunks is the
-    machine's."""
+    `chunk_steps` for about `seconds`, and for at least `min_chunks` chunks however slow the machine is. Nothing
+    else runs meanwhile, so every change between chunks is the machine's."""
     loss_fn = nn.CrossEntropyLoss()
     x, y = data.train_x, data.train_y
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     steps, per_step, start = len(x) // batch_size, [], time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while time.perf_counter() - start < seconds or len(per_step) < min_chunks:
         t = time.perf_counter()
         for i in range(len(per_step) * chunk_steps, (len(per_step) + 1) * chunk_steps):
             idx = order[(i % steps) * batch_size:(i % steps + 1) * batch_size]

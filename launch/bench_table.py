@@ -15,6 +15,7 @@ from launch.bench_worker import CASES, THREAD_CASES
 
 TARGETS = {"default": 0.90, "rule20k": 0.95, "medium": 0.95, "world2": 0.95}  # train.py / bare loop, at least
 LOGGING_MAX, CHECKPOINT_MAX, THREADS_MIN, END_TO_END_MAX = 0.02, 0.02, 0.8, 1.2
+DRIFT_MIN_CHUNKS = 20  # the fewest drift chunks its deciles are read from
 NOISE_SCALE_MAX = 0.03  # --noise-scale's share of a world-2 step
 
 
@@ -136,7 +137,7 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
                 f"/ the better of 1 thread and all cores by median ({better_label}), {load}: {name}", spread(ratio),
                 f"≥ {THREADS_MIN}", verdict(ratio, THREADS_MIN, at_least=True))
     drift = [r["seconds"] for r in sorted(_by_repeat(rows, case="drift").values(), key=lambda r: r["repeat"])]
-    if len(drift) > 20:  # the noise that every pair above has to beat
+    if len(drift) >= DRIFT_MIN_CHUNKS:  # the noise that every pair above has to beat
         median = statistics.median(drift)
         deciles = statistics.quantiles([s / median for s in drift], n=10)
         row(f"machine speed drift, {len(drift)} chunks of 25 bare steps (rule20k) in a row: a chunk's time per step "

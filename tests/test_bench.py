@@ -10,7 +10,7 @@ import torch
 
 from launch.bench_events import compare
 from launch.bench_loops import build_problem, speed_drift
-from launch.bench_table import build_table
+from launch.bench_table import DRIFT_MIN_CHUNKS, build_table
 from launch.bench_worker import CASES, FunctionClock, all_clocks, always_on, run_kind
 from spine.config import parse_config
 from spine.distributed import distributed_session
@@ -56,8 +56,8 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
                                                                                        ("floor", 2.0))]
     rows += compare(repeats=2, events=5)
     data, model, optimizer = build_problem(parse_config(TINY, world_size=1), torch.device("cpu"))
-    per_step = speed_drift(model, optimizer, data, 32, seconds=0.2, chunk_steps=2)
-    assert len(per_step) > 20 and all(s > 0 for s in per_step), per_step
+    per_step = speed_drift(model, optimizer, data, 32, seconds=0.05, chunk_steps=2, min_chunks=DRIFT_MIN_CHUNKS)
+    assert len(per_step) >= DRIFT_MIN_CHUNKS and all(s > 0 for s in per_step), per_step
     rows += [{"case": "drift", "kind": "bare steps", "repeat": i, "seconds": s} for i, s in enumerate(per_step)]
     table = build_table(rows, list(CASES)).splitlines()
     assert table[0] == "| measurement | value: median (min–max) | target | verdict |"
