@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from launch.runner import RunRecord, run_many
-from tests.helpers import WORLD2_RUNS
+from tests.helpers import WORLD2_RUNS, stop_rank_server
 
 GROUPS = ("unit", "distributed", "experiment")
 
@@ -58,3 +58,10 @@ def world2(tmp_path_factory) -> dict[str, RunRecord]:
     labels = list(WORLD2_RUNS)
     records = run_many([WORLD2_RUNS[label] for label in labels], out, world=2, overwrite=False, timeout=900)
     return dict(zip(labels, records, strict=True))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rank_server():
+    """spawn_ranks' forkserver (tests/helpers.py) is stopped at the end of the session."""
+    yield
+    stop_rank_server()

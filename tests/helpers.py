@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 
 from launch.runner import ROOT, TORCHRUN, TRAIN, RunRecord, run
 
-__all__ = ["ROOT", "TORCHRUN", "TRAIN", "WORLD2_RUNS", "free_port", "run_train", "spawn_ranks", "world2_run"]
+__all__ = ["ROOT", "TORCHRUN", "TRAIN", "WORLD2_RUNS", "free_port", "run_train", "spawn_ranks", "stop_rank_server",
+           "world2_run"]
 
 # Plain world-2 runs the test modules declare at import; conftest's `world2` fixture runs them all, in this order,
 # as ONE torchrun job (one start of torchrun and the process group instead of one per test): label -> (args, name).
@@ -54,7 +55,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_entry(rank: int, world: int, port: int, fn, args, queue) -> None:
+def _rank_entry(rank: int, world: int, port: int, fn, args, queue, stdio: tuple[int, int]) -> None:
+    for fd, target in zip(stdio, (1, 2), strict=True):  # write where the test's own output goes (capfd reads it)
+        os.dup2(fd, target)
+        os.close(fd)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -62,6 +66,36 @@ def _rank_entry(rank: int, world: int, port: int, fn, args, queue) -> None:
         queue.put((rank, "ok", fn(rank, world, *args)))
     except BaseException as e:  # report, so the parent fails with the reason instead of a timeout
         queue.put((rank, "error", f"{type(e).__name__}: {e}"))
+
+
+# Ranks are forked from one server process per pytest worker (multiprocessing's forkserver), which has imported
+# train.py (so OMP_WAIT_POLICY is set before torch loads, as in a real run), torch and torch._dynamo (which the
+# first optimizer loads): seconds of imports once per worker instead of once per rank. The server has run no
+# tensor op and started no thread pool, so each fork begins as fresh as a new process.
+RANK_SERVER_PRELOAD = ["train", "torch._dynamo"]
+
+
+class _CallersStdio:
+    """Pickled as the calling process's fds 1 and 2, which multiprocessing sends along to the forked rank (a child
+    of the server would otherwise write to whatever the server's stdout was when it started)."""
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return _detached, (DupFd(1), DupFd(2))
+
+
+def _detached(*fds) -> tuple[int, ...]:
+    return tuple(fd.detach() for fd in fds)
+
+
+def stop_rank_server() -> None:
+    """Stop the forkserver by its pid, if this process started one (it would also exit with this process)."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if server._forkserver_pid is not None:
+        server._stop()  # closes the server's lifeline and waits for its pid
 
 
 class _PortTaken(Exception):
@@ -81,10 +115,12 @@ def spawn_ranks(fn, world: int, *args, timeout: float = 60, attempts: int = 3) -
 
 
 def _spawn_once(fn, world: int, args: tuple, timeout: float) -> list:
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(RANK_SERVER_PRELOAD)  # read when the server starts, at the first spawn
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, fn, args, queue, _CallersStdio()))
+             for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}
