@@ -8,7 +8,8 @@ timed next to blocks of the other; a drift probe measures how far the machine's 
 study runs train.py as fresh processes at 1 thread, at every core and at its default, on an idle machine and under a
 competing load of one busy process per core. End to end times make overfit's command against the floor (import
 torch, one optimizer step). Last, torch's SummaryWriter and spine's EventFile write the same batch of TensorBoard
-events side by side (launch/bench_events.py). Writes <out>/bench.md (the table, targets and misses) and
+events side by side (launch/bench_events.py), and torch's per-tensor optimizer update runs beside the foreach one
+that build_optimizer asks for (launch/bench_update.py). Writes <out>/bench.md (the table, targets and misses) and
 <out>/results.jsonl.
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from launch.bench_events import compare as compare_event_writers
 from launch.bench_table import DRIFT_MIN_CHUNKS, build_table
+from launch.bench_update import compare as compare_updates
 from launch.bench_worker import CASES, THREAD_CASES
 from launch.runner import ROOT, TORCHRUN
 from spine.distributed import cores_per_rank
@@ -148,6 +150,8 @@ def main() -> int:
     p.add_argument("--thread-repeats", type=int, default=5)
     p.add_argument("--end-to-end-repeats", type=int, default=9)
     p.add_argument("--event-repeats", type=int, default=9, help="TensorBoard writers side by side (0: skip)")
+    p.add_argument("--update-repeats", type=int, default=9,
+                   help="the optimizer update, per-tensor against foreach, side by side (0: skip)")
     p.add_argument("--drift-seconds", type=float, default=10.0, help="the speed drift probe's length (0: skip)")
     p.add_argument("--epochs", default="",
                    help="epochs per run for every case, a multiple of every case's block (tests only)")
@@ -174,6 +178,10 @@ def main() -> int:
         print("bench: TensorBoard events, SummaryWriter against EventFile", flush=True)
         with open(results, "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in compare_event_writers(opts.event_repeats, 100))
+    if opts.update_repeats and opts.device == "cpu":
+        print("bench: the optimizer update, per-tensor against foreach", flush=True)
+        with open(results, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in compare_updates(opts.update_repeats, 200))
     load_end = os.getloadavg()
 
     rows = [json.loads(line) for line in results.read_text().splitlines() if line]

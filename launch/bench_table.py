@@ -158,6 +158,15 @@ def build_table(rows: list[dict], cases: list[str]) -> str:
                 f"{spread([1000 * r[key] for r in event_file.values()], '{:.1f}')}")
         ratio = _paired(summary_writer, event_file, lambda a, b: a["seconds"] / b["seconds"])
         row("TensorBoard, the calling thread's wall time, SummaryWriter / EventFile (pairs)", f"{spread(ratio)}×")
+    per_tensor, foreach = (_by_repeat(rows, case="optimizer update", kind=k) for k in ("per-tensor", "foreach"))
+    if foreach:
+        steps = next(iter(foreach.values()))["steps"]
+        row(f"Adam's update on the default recipe's model, µs per step over {steps} steps: torch's per-tensor loop "
+            f"(its CPU default) / the foreach update build_optimizer asks for",
+            f"{spread([1e6 * r['seconds'] / steps for r in per_tensor.values()], '{:.0f}')} / "
+            f"{spread([1e6 * r['seconds'] / steps for r in foreach.values()], '{:.0f}')}")
+        ratio = _paired(per_tensor, foreach, lambda a, b: a["seconds"] / b["seconds"])
+        row("Adam's update, per-tensor / foreach (pairs; the same weights bit for bit)", f"{spread(ratio)}×")
     overfit, floor = _by_repeat(rows, case="end to end", kind="make overfit"), _by_repeat(rows, case="end to end",
                                                                                             kind="floor")
     if overfit:

@@ -11,6 +11,7 @@ import torch
 from launch.bench_events import compare
 from launch.bench_loops import build_problem, speed_drift
 from launch.bench_table import DRIFT_MIN_CHUNKS, build_table
+from launch.bench_update import compare as compare_updates
 from launch.bench_worker import CASES, FunctionClock, all_clocks, always_on, run_kind
 from spine.config import parse_config
 from spine.distributed import distributed_session
@@ -55,6 +56,7 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
     rows += [{"case": "end to end", "kind": k, "repeat": 0, "seconds": s} for k, s in (("make overfit", 3.0),
                                                                                        ("floor", 2.0))]
     rows += compare(repeats=2, events=5)
+    rows += compare_updates(repeats=2, steps=5)  # raises if the two updates' weights differ
     data, model, optimizer = build_problem(parse_config(TINY, world_size=1), torch.device("cpu"))
     per_step = speed_drift(model, optimizer, data, 32, seconds=0.05, chunk_steps=2, min_chunks=DRIFT_MIN_CHUNKS)
     assert len(per_step) >= DRIFT_MIN_CHUNKS and all(s > 0 for s in per_step), per_step
@@ -68,7 +70,9 @@ def test_every_timed_loop_trains_and_the_table_has_every_row(tmp_path):
                  "TensorBoard, 5 events written and flushed", "SummaryWriter / EventFile (pairs)",
                  "checkpoints at the default cadence", "threads: default (2 of 2 cores)", "end to end",
                  "--noise-scale at its default cadence", "--noise-scale, whole-run difference", "non-finite checks",
-                 "pairs of a train.py block", "machine speed drift", "the chunk 10 later"):
+                 "pairs of a train.py block", "machine speed drift", "the chunk 10 later",
+                 "Adam's update on the default recipe's model, µs per step over 5 steps",
+                 "per-tensor / foreach (pairs"):
         assert name in text, name
     assert table[2].startswith("| **train.py / bare loop with validation**")  # the first rows: the like-for-like ratios
     assert "n/a" not in text and "not measured" not in text
