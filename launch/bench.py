@@ -194,7 +194,7 @@ def main() -> int:
         f"{' / '.join(f'{v:.2f}' for v in load_end)}; the benchmark took {time.perf_counter() - t0:.0f} s.",
         f"Command: `{command}`; {opts.repeats} runs of train.py per case and kind, {opts.thread_repeats} per thread "
         f"setting, {opts.end_to_end_repeats} end to end, {opts.event_repeats} per TensorBoard writer, "
-        f"{opts.drift_seconds:g} s of drift probe.",
+        f"{opts.update_repeats} per optimizer update, {opts.drift_seconds:g} s of drift probe.",
         "",
     ]
     text = "\n".join(header) + build_table(rows, cases) + "\n"
