@@ -55,10 +55,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_entry(rank: int, world: int, port: int, fn, args, queue, stdio: tuple[int, int]) -> None:
+def _rank_entry(rank: int, world: int, port: int, fn, args, queue, stdio: tuple[int, int],
+                environ: dict[str, str]) -> None:
     for fd, target in zip(stdio, (1, 2), strict=True):  # write where the test's own output goes (capfd reads it)
         os.dup2(fd, target)
         os.close(fd)
+    os.environ.clear()  # the caller's environment now, not the server's from when it started
+    os.environ.update(environ)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -71,7 +74,8 @@ def _rank_entry(rank: int, world: int, port: int, fn, args, queue, stdio: tuple[
 # Ranks are forked from one server process per pytest worker (multiprocessing's forkserver), which has imported
 # train.py (so OMP_WAIT_POLICY is set before torch loads, as in a real run), torch and torch._dynamo (which the
 # first optimizer loads): seconds of imports once per worker instead of once per rank. The server has run no
-# tensor op and started no thread pool, so each fork begins as fresh as a new process.
+# tensor op and started no thread pool, so each fork begins as fresh as a new process; it takes the caller's
+# environment and stdout/stderr as a spawned process would (only what a library read at import is the server's).
 RANK_SERVER_PRELOAD = ["train", "torch._dynamo"]
 
 
@@ -119,7 +123,7 @@ def _spawn_once(fn, world: int, args: tuple, timeout: float) -> list:
     ctx.set_forkserver_preload(RANK_SERVER_PRELOAD)  # read when the server starts, at the first spawn
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, fn, args, queue, _CallersStdio()))
+    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, fn, args, queue, _CallersStdio(), dict(os.environ)))
              for r in range(world)]
     for p in procs:
         p.start()

@@ -167,6 +167,22 @@ def _world_of_the_group(rank: int, world: int) -> int:
         dist.destroy_process_group()
 
 
+def _say_and_read_env(rank: int, world: int, name: str) -> str | None:
+    print(f"rank {rank} of {world} writes to the test's stdout", flush=True)
+    return os.environ.get(name)
+
+
+@pytest.mark.distributed
+def test_spawned_ranks_get_the_callers_environment_and_output_now(monkeypatch, capfd):
+    """spawn_ranks forks its ranks from a server started at the first spawn: they must still see the caller's
+    environment as it is at this spawn, and write where the test's output goes, as spawned processes would."""
+    assert spawn_ranks(_say_and_read_env, 2, "SPINE_TEST_MARK") == [None, None]  # the server runs from here on
+    monkeypatch.setenv("SPINE_TEST_MARK", "set after the server started")
+    assert spawn_ranks(_say_and_read_env, 2, "SPINE_TEST_MARK") == ["set after the server started"] * 2
+    out = capfd.readouterr().out
+    assert all(out.count(f"rank {r} of 2 writes to the test's stdout") == 2 for r in range(2)), out
+
+
 @pytest.mark.distributed
 def test_spawned_ranks_retry_when_their_port_is_taken(monkeypatch):
     """free_port's port is free only until someone binds it; two xdist workers race for ports. A group whose
