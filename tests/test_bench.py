@@ -5,6 +5,11 @@ Timings are never asserted: they depend on the machine and its load.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+
 import pytest
 import torch
 
@@ -16,6 +21,7 @@ from launch.bench_worker import CASES, FunctionClock, all_clocks, always_on, run
 from spine.config import parse_config
 from spine.distributed import distributed_session
 from spine.instruments.loop import Instruments
+from tests.helpers import ROOT, TORCHRUN
 
 TINY = ["--hidden", "16", "--epochs", "6"]
 
@@ -110,3 +116,31 @@ def test_function_clock_counts_a_nested_timed_call_once():
             Failing().fail()
         Failing().fine()  # counted: the failed call left the clock outside any timed call
     assert clock.calls == 2 and len(clock.by_function) == 2
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_the_world_2_case_hands_over_in_step_on_both_ranks(tmp_path):
+    """make bench's world-2 case as it runs it (torchrun, two gloo ranks): each rank's train.py hands over to the
+    bare DDP loop at the same epochs, or their collectives would not meet and the job would hang. The kind with the
+    most hooks (--noise-scale), one timed pair: a block of 250 steps of train.py and the bare blocks on either
+    side, all of which train."""
+    out = tmp_path / "results.jsonl"
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "launch.bench_worker", "--case", "world2",
+           "--out", str(out), "--repeats", "1", "--epochs", "2", "--block", "1", "--kinds", "train.py noise-scale"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the agent and both ranks
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["train.py noise-scale"]  # one row: rank 0 alone writes
+    r = rows[0]
+    assert r["world"] == 2 and r["steps"] == 250 and len(r["pairs"]) == 1, r
+    assert all(b > 0 and t > 0 for b, t in r["pairs"]), r
+    assert r["last_loss"] < r["first_loss"] and r["bare_last_loss"] < r["bare_first_loss"], r
+    assert r["noise_seconds"] > 0 and r["checkpoints"] == 1, r
