@@ -50,8 +50,8 @@ def compare(repeats: int, steps: int) -> list[dict]:
     rows = []
     try:
         train_timing_updates(True, steps)  # warm-up
+        kinds = list(KINDS)
         for repeat in range(repeats):
-            kinds = list(KINDS)
             weights = {}
             for kind in kinds[repeat % 2:] + kinds[:repeat % 2]:
                 seconds, weights[kind] = train_timing_updates(KINDS[kind], steps)

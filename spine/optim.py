@@ -13,8 +13,8 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, 
                     weight_decay: float) -> torch.optim.Optimizer:
     """foreach=True: torch picks the multi-tensor update by default only when every parameter is on a GPU. On the
     CPU it is one call per operation for all parameters instead of one per parameter and operation, the same
-    kernels on the same floats (bit-identical weights), in less time per update on a small model (make bench's
-    "Adam's update" rows)."""
+    kernels on the same floats (bit-identical weights): less Python per update on a small model (make bench's
+    "Adam's update" rows time the two)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     if name == "adam":

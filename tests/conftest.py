@@ -15,7 +15,8 @@ GROUPS = ("unit", "distributed", "experiment")
 
 def shared_fixtures(item: pytest.Item) -> list[str]:
     """The module- or session-scoped fixtures of this suite that the test needs, directly or through another
-    fixture; autouse ones (a thread setting) are cheap and left out."""
+    fixture; autouse ones (a thread setting) are cheap and left out. Read from item._fixtureinfo: no public pytest
+    API gives a requested fixture's scope."""
     info = getattr(item, "_fixtureinfo", None)
     if info is None:
         return []

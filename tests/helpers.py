@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,8 +15,8 @@ import torch.multiprocessing as mp
 
 from launch.runner import ROOT, TORCHRUN, TRAIN, RunRecord, run
 
-__all__ = ["ROOT", "TORCHRUN", "TRAIN", "WORLD2_RUNS", "free_port", "run_train", "spawn_ranks", "stop_rank_server",
-           "world2_run"]
+__all__ = ["ROOT", "TORCHRUN", "TRAIN", "WORLD2_RUNS", "free_port", "own_session", "run_train", "spawn_ranks",
+           "stop_rank_server", "world2_run"]
 
 # Plain world-2 runs the test modules declare at import; conftest's `world2` fixture runs them all, in this order,
 # as ONE torchrun job (one start of torchrun and the process group instead of one per test): label -> (args, name).
@@ -53,6 +57,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def own_session(cmd: list[str], cwd: Path = ROOT) -> Iterator[subprocess.Popen]:
+    """`cmd` started in a session of its own, stdout and stderr together as text; on the way out, whatever of it is
+    still running is SIGKILLed as a group (torchrun's agent and its workers alike)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _rank_entry(rank: int, world: int, port: int, fn, args, queue, stdio: tuple[int, int],

@@ -6,9 +6,6 @@ Timings are never asserted: they depend on the machine and its load.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from launch.bench_worker import CASES, FunctionClock, all_clocks, always_on, run
 from spine.config import parse_config
 from spine.distributed import distributed_session
 from spine.instruments.loop import Instruments
-from tests.helpers import ROOT, TORCHRUN
+from tests.helpers import TORCHRUN, own_session
 
 TINY = ["--hidden", "16", "--epochs", "6"]
 
@@ -128,14 +125,8 @@ def test_the_world_2_case_hands_over_in_step_on_both_ranks(tmp_path):
     out = tmp_path / "results.jsonl"
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "launch.bench_worker", "--case", "world2",
            "--out", str(out), "--repeats", "1", "--epochs", "2", "--block", "1", "--kinds", "train.py noise-scale"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
+    with own_session(cmd) as proc:
         output, _ = proc.communicate(timeout=200)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the agent and both ranks
-            proc.wait()
     assert proc.returncode == 0, output[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["train.py noise-scale"]  # one row: rank 0 alone writes

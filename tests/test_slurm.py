@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import own_session
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "launch/slurm.sbatch"  # relative: submitted from the repository root, as the README shows
 BIN = Path(sys.executable).parent  # the job runs train.py with the interpreter running these tests
@@ -292,16 +294,11 @@ def newest_checkpoint_step(tmp: Path, run_name: str) -> int:
 def uninterrupted(cluster, tmp_path_factory) -> tuple[Path, str]:
     """One two-node job, `sbatch --wait`, and beside it the same run under torchrun --standalone at world 2."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    torchrun = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "train.py",
-                                 *train_flags(tmp, "torchrun")], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
+    standalone = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "train.py",
+                  *train_flags(tmp, "torchrun")]
+    with own_session(standalone, cwd=ROOT) as torchrun:
         job = cluster.submit(train_flags(tmp, "slurm"), "--nodes=2", wait=True)
         torchrun_out, _ = torchrun.communicate(timeout=150)
-    finally:
-        if torchrun.poll() is None:
-            os.killpg(torchrun.pid, signal.SIGKILL)  # its own session: the agent and its workers
-            torchrun.wait()
     assert torchrun.returncode == 0, torchrun_out[-3000:]
     job_id = job.stdout.strip().split(";")[0]
     assert job.returncode == 0, f"{job.stderr}\n{tail(cluster.output(job_id), 40)}"
