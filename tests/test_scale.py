@@ -131,6 +131,36 @@ def test_micro_batches_all_reduce_once_on_the_last_and_give_the_global_batch_gra
     the all-reduce fires during the k-th, and the result is the gradient of the global batch's mean loss."""
     per_rank = spawn_ranks(_one_step_on_ranks, 2, 3, 4)
     assert per_rank == [(True, [3]), (True, [3])]
+    # One micro-batch (forward_backward's plain path): the all-reduce fires in its one backward.
+    assert spawn_ranks(_one_step_on_ranks, 2, 1, 4) == [(True, [1]), (True, [1])]
+
+
+def test_the_plain_step_computes_the_general_paths_floats():
+    """forward_backward's plain path (one batch, fp32, nothing measuring) skips the general path's contexts and
+    bookkeeping, not its arithmetic: the same loss, logits, labels and .grad, bit for bit."""
+    from types import SimpleNamespace
+
+    from spine.distributed import NO_CONTEXT
+    from train import forward_backward
+
+    gen = torch.Generator().manual_seed(3)
+    data = SimpleNamespace(train_x=torch.randn(64, 5, generator=gen), train_y=torch.randint(0, 3, (64,), generator=gen))
+    torch.manual_seed(0)
+    plain_model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    general_model = copy.deepcopy(plain_model)
+    idx = torch.randperm(64, generator=gen)[:24]
+    measured = []
+
+    def measure(micro: int, step: int):  # any measure sends the step down the general path
+        measured.append((micro, step))
+        return NO_CONTEXT
+
+    plain = forward_backward(plain_model, torch.nn.CrossEntropyLoss(), data, idx, 24)
+    general = forward_backward(general_model, torch.nn.CrossEntropyLoss(), data, idx, 24, measure=measure)
+    assert measured == [(24, 24)]
+    assert all(torch.equal(a, b) for a, b in zip(plain, general, strict=True))
+    assert all(torch.equal(p.grad, g.grad)
+               for p, g in zip(plain_model.parameters(), general_model.parameters(), strict=True))
 
 
 def test_grad_sync_is_a_no_op_without_ddp():

@@ -9,8 +9,8 @@ Where the loop calls them (train.py's names):
 
     guards = Guards(warn=print_on_rank0)
     at the start of each epoch, after sampler.set_epoch(epoch):     guards.sampler_epoch(sampler, epoch)
-    each step, before the first micro-batch's forward:              guards.training_forward(model, step)
-                                                                    guards.grads_cleared(params, step)
+    each step, before the first micro-batch's forward:              guards.before_step(model, params, step)
+        (training_forward(model, step) and grads_cleared(params, step) in one call)
     at the start of validation, after its model.eval():             guards.validation_mode(model, epoch)
     summary["instruments"]["guards"] = guards.messages              # [] on a healthy run
 
@@ -43,6 +43,18 @@ class Guards:
         message = f"guard {check}: {message}"
         self.messages.append(message)
         self.warn(message)
+
+    def before_step(self, model: nn.Module, params: list[torch.Tensor], step: int) -> None:
+        """training_forward and grads_cleared, as one call: on the healthy path, one flag and one .grad per
+        parameter (each extra call in the step loop is a visible share of a small model's step)."""
+        if model.training:
+            for p in params:
+                if p.grad is not None:
+                    break
+            else:
+                return
+        self.training_forward(model, step)
+        self.grads_cleared(params, step)
 
     def training_forward(self, model: nn.Module, step: int) -> None:
         """Before a training step's forward: the model must be in train mode."""

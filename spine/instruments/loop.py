@@ -3,7 +3,8 @@
     instruments = Instruments(cfg, ctx, model, optimizer, data, logger, steps_per_epoch)
     each epoch, after sampler.set_epoch:        instruments.epoch_start(sampler, epoch)
     each step, before forward_backward:         instruments.step_start(step)          (step counts from 1)
-    around each micro-batch's backward:         with instruments.backward(micro, step_batch): loss.backward()
+    around each micro-batch's backward:         with instruments.backward_context(micro, step_batch): loss.backward()
+                                                (backward_context is None when no instrument wraps a backward)
     after the grad norm, before clipping:       instruments.before_update(step, grad_norm, step_batch)
     after scheduler.step():                     instruments.after_update(step)
     after validation:                           instruments.validated(model, epoch)
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spine.distributed import NO_CONTEXT, DistContext, all_reduce_sum
+from spine.distributed import DistContext, all_reduce_sum
 from spine.instruments.guards import Guards
 from spine.instruments.layer_stats import LayerStats
 from spine.instruments.noise_scale import DDPGradNoise, DeferredFlush, MicroBatchGradNoise, NoiseScaleEstimator
@@ -64,6 +65,10 @@ class Instruments:
             else:  # one micro-batch against the step's k
                 self.noise = MicroBatchGradNoise(self.params)
             self.noise_flush = DeferredFlush(self.noise, self.noise_estimate, ctx.device)  # no rank waits on it
+        # Whether the current step needs the grad norm: the noise scale's big-batch gradient, when it measures.
+        self.needs_grad_norm = False
+        # None: no backward to wrap, so forward_backward takes its plain path (train.py).
+        self.backward_context = self._backward if self.noise is not None else None
         # With no instrument's flag set (the default), the per-step hooks return after the guards: on a small model
         # each call and check of theirs is a visible part of the step.
         self.optional = bool(self.layer_stats or self.noise is not None or self.sharpness_every
@@ -73,31 +78,23 @@ class Instruments:
         if self.ctx.is_main:  # every rank sees the same state; one voice is enough
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    @property
-    def needs_grad_norm(self) -> bool:
-        """Whether the current step needs the grad norm: the noise scale's big-batch gradient, when it measures."""
-        return self.noise is not None and self.noise.measure
-
     def epoch_start(self, sampler: object, epoch: int) -> None:
         self.guards.sampler_epoch(sampler, epoch)
 
     def step_start(self, step: int) -> None:
         """Before step `step` (1-based) runs its first forward."""
-        self.guards.training_forward(self.model, step)
-        self.guards.grads_cleared(self.params, step)
+        self.guards.before_step(self.model, self.params, step)
         if not self.optional:
             return
         if self.noise is not None:  # by the global step, so a resumed run measures the same steps
-            self.noise.measure = step % self.noise_every == 0
+            self.noise.measure = self.needs_grad_norm = step % self.noise_every == 0
         if self.sharpness_every and (step - 1) % self.sharpness_every == 0:
             self._measure_sharpness(step - 1)
         if self.layer_stats and step % self.log_every == 0:  # after the sharpness: its forwards are not the step's
             self.layer_stats.begin_step()
 
-    def backward(self, micro_batch: int, step_batch: int) -> contextlib.AbstractContextManager:
+    def _backward(self, micro_batch: int, step_batch: int) -> contextlib.AbstractContextManager:
         """Wraps one micro-batch's backward: the noise scale's small-batch gradient, on a step it measures."""
-        if self.noise is None:
-            return NO_CONTEXT
         if isinstance(self.noise, MicroBatchGradNoise):
             return self.noise.micro_batch(weight=micro_batch / step_batch, size=micro_batch)
         return self.noise.backward()  # DDPGradNoise
