@@ -6,6 +6,8 @@ Timings are never asserted: they depend on the machine and its load.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from launch.bench_worker import CASES, FunctionClock, all_clocks, always_on, run
 from spine.config import parse_config
 from spine.distributed import distributed_session
 from spine.instruments.loop import Instruments
-from tests.helpers import TORCHRUN, own_session
+from tests.helpers import ROOT, TORCHRUN, own_session
 
 TINY = ["--hidden", "16", "--epochs", "6"]
 
@@ -135,3 +137,31 @@ def test_the_world_2_case_hands_over_in_step_on_both_ranks(tmp_path):
     assert all(b > 0 and t > 0 for b, t in r["pairs"]), r
     assert r["last_loss"] < r["first_loss"] and r["bare_last_loss"] < r["bare_first_loss"], r
     assert r["noise_seconds"] > 0 and r["checkpoints"] == 1, r
+
+
+@pytest.mark.experiment
+@pytest.mark.timeout(240)
+def test_ab_runs_both_commits_in_turn_from_their_own_code_and_removes_its_worktree(tmp_path):
+    """launch.bench_ab against HEAD (on a clean clone the two sides are the same code): each round runs the base's
+    worker from its worktree, then the working tree's; the table names both sides, and the worktree is gone."""
+    out = tmp_path / "ab.md"
+    cmd = [sys.executable, "-m", "launch.bench_ab", "HEAD", "--case", "default", "--rounds", "2", "--repeats", "1",
+           "--epochs", "20", "--block", "10", "--out", str(out)]
+    with own_session(cmd) as proc:
+        output, _ = proc.communicate(timeout=200)
+    assert proc.returncode == 0, output[-3000:]
+    assert output.index("round 1/2, base") < output.index("round 1/2, head") < output.index("round 2/2, base")
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert sorted((r["side"], r["round"]) for r in rows) == [("base", 0), ("base", 1), ("head", 0), ("head", 1)]
+    assert all(r["case"] == "default" and len(r["pairs"]) == 1 and r["pairs"][0][1] > 0 for r in rows), rows
+    table = out.read_text()
+    assert "| base (" in table and "| head (" in table and "2 rounds" in table
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "bench-ab-" not in worktrees
+
+
+def test_ab_refuses_an_unknown_base_in_one_line():
+    run = subprocess.run([sys.executable, "-m", "launch.bench_ab", "no-such-commit"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == "bench_ab.py: error: no commit 'no-such-commit' in this repository"
