@@ -54,10 +54,10 @@ def table(base: str, head: str, case: str, rounds: int, rows: dict[str, list[dic
     lines = [f"# train.py / bare loop with validation, {base} against {head}: {CASES[case].label}", "",
              f"Command: `python -m launch.bench_ab {base} --case {case} --rounds {rounds} --repeats "
              f"{len(rows['base']) // rounds}`; the two sides took turns, {rounds} rounds.", "",
-             "| side | pairs | median over every pair | the runs' medians, min–max |", "|---|---:|---:|---:|"]
+             "| side | pairs | median over every pair | the runs' medians: median (min–max) |", "|---|---:|---:|---:|"]
     for side, name, pairs, runs in (("base", base, base_pairs, base_runs), ("head", head, head_pairs, head_runs)):
         lines.append(f"| {side} ({name}) | {len(pairs)} | {statistics.median(pairs):.3f} | "
-                     f"{min(runs):.3f}–{max(runs):.3f} |")
+                     f"{statistics.median(runs):.3f} ({min(runs):.3f}–{max(runs):.3f}) |")
     lines += ["", "The head's median of its runs' medians, against the base's runs: "
               + {1: "above every one of them", -1: "below every one of them",
                  0: "within their spread (not distinguishable)"}[moved] + "."]
