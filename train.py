@@ -141,12 +141,13 @@ def forward_backward(ddp_model: nn.Module, loss_fn: nn.Module, data: SplitDatase
     Gradient accumulation: the step's batch is cut into micro-batches of `micro_batch` whose gradients add up in
     .grad; only the last one's backward all-reduces. With one micro-batch it is one plain, synchronised batch.
     `amp`: forward and loss under autocast (bf16/fp16; nothing at fp32), backward of the scaled loss under fp16.
-    `measure(micro, step)` wraps each backward (an instrument's context: the noise scale's micro-batch gradient).
+    `measure(micro, step)` wraps each backward (an instrument's context: the noise scale's micro-batch gradient);
+    None when nothing measures the step, which with one micro-batch, fp32 and a mean loss allows the plain path.
     """
     amp = amp or Precision("fp32", idx.device)  # fp32: plain forward, backward and (in the loop) step
     step_size = idx.shape[0]
     if step_size <= micro_batch and amp.dtype is None and measure is None and loss_fn.reduction == "mean":
-        # The plain step: one batch, fp32, nothing measuring it. The general path below computes the same floats;
+        # The plain step: one batch, fp32, a mean loss, nothing measuring it. The general path computes the same floats;
         # its contexts and bookkeeping cost about 1% of a small model's step, so the default run does without.
         x, y = data.train_x[idx], data.train_y[idx]
         logits = ddp_model(x)  # forward

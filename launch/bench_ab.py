@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,12 +49,13 @@ def ratios(rows: list[dict]) -> tuple[list[float], list[float]]:
     return [r for run in per_run for r in run], [statistics.median(run) for run in per_run]
 
 
-def table(base: str, head: str, case: str, rounds: int, rows: dict[str, list[dict]]) -> str:
+def table(base: str, head: str, case: str, rounds: int, rows: dict[str, list[dict]], sizes: list[str]) -> str:
     (base_pairs, base_runs), (head_pairs, head_runs) = ratios(rows["base"]), ratios(rows["head"])
     moved = outside(head_runs, base_runs)
+    command = " ".join(["python -m launch.bench_ab", base, "--case", case, "--rounds", str(rounds), "--repeats",
+                        str(len(rows["base"]) // rounds), *sizes])
     lines = [f"# train.py / bare loop with validation, {base} against {head}: {CASES[case].label}", "",
-             f"Command: `python -m launch.bench_ab {base} --case {case} --rounds {rounds} --repeats "
-             f"{len(rows['base']) // rounds}`; the two sides took turns, {rounds} rounds.", "",
+             f"Command: `{command}`; the two sides took turns, {rounds} rounds.", "",
              "| side | pairs | median over every pair | the runs' medians: median (min–max) |", "|---|---:|---:|---:|"]
     for side, name, pairs, runs in (("base", base, base_pairs, base_runs), ("head", head, head_pairs, head_runs)):
         lines.append(f"| {side} ({name}) | {len(pairs)} | {statistics.median(pairs):.3f} | "
@@ -62,6 +64,25 @@ def table(base: str, head: str, case: str, rounds: int, rows: dict[str, list[dic
               + {1: "above every one of them", -1: "below every one of them",
                  0: "within their spread (not distinguishable)"}[moved] + "."]
     return "\n".join(lines) + "\n"
+
+
+def take_turns(base: str, case: str, rounds: int, repeats: int, sizes: list[str]) -> dict[str, list[dict]]:
+    """`rounds` rounds of a worker run from BASE's worktree, then one from the working tree; each side's rows."""
+    rows: dict[str, list[dict]] = {"base": [], "head": []}
+    git("worktree", "prune")  # forgets any worktree a run killed outright (SIGKILL) left registered
+    with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
+        tree = Path(tmp) / "base"
+        git("worktree", "add", "--detach", str(tree), base)
+        try:
+            for round_ in range(rounds):
+                for side, code in (("base", tree), ("head", ROOT)):
+                    for row in run_side(code, case, repeats, Path(tmp) / f"{side}.jsonl", sizes):
+                        rows[side].append(dict(row, side=side, round=round_))
+                    print(f"bench_ab: round {round_ + 1}/{rounds}, {side} done", flush=True)
+        finally:  # never check=True here: a failed removal must not hide the error that brought us here
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+            subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
+    return rows
 
 
 def main() -> int:
@@ -74,36 +95,34 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=0, help="epochs per run instead of the case's (tests only)")
     p.add_argument("--block", type=int, default=0, help="epochs per block instead of the case's (tests only)")
     opts = p.parse_args()
+    if min(opts.rounds, opts.repeats) < 1 or min(opts.epochs, opts.block) < 0:
+        p.error("--rounds and --repeats must be at least 1, --epochs and --block at least 0")
     sizes = [*(["--epochs", str(opts.epochs)] if opts.epochs else []),
              *(["--block", str(opts.block)] if opts.block else [])]
-    if opts.rounds < 1 or opts.repeats < 1:
-        p.error("--rounds and --repeats must be at least 1")
     try:
         base = git("rev-parse", "--short", f"{opts.base}^{{commit}}")
     except subprocess.CalledProcessError:
         p.error(f"no commit {opts.base!r} in this repository")
-    head = git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain") else "")
+    # The code's changes, not the reports this tool and make bench write.
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports")
+    head = git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
     out = opts.out or ROOT / "reports" / "bench" / f"ab-{opts.case}.md"
-    rows: dict[str, list[dict]] = {"base": [], "head": []}
-    with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
-        tree = Path(tmp) / "base"
-        git("worktree", "add", "--detach", str(tree), base)
-        try:
-            for round_ in range(opts.rounds):
-                for side, code in (("base", tree), ("head", ROOT)):
-                    for row in run_side(code, opts.case, opts.repeats, Path(tmp) / f"{side}.jsonl", sizes):
-                        rows[side].append(dict(row, side=side, round=round_))
-                    print(f"bench_ab: round {round_ + 1}/{opts.rounds}, {side} done", flush=True)
-        finally:
-            git("worktree", "remove", "--force", str(tree))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table(base, head, opts.case, opts.rounds, rows))
+    try:  # before any run: a folder that cannot be written would lose them all
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"cannot write to {out.parent}: {e.strerror}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the worktree (finally, below)
+    try:
+        rows = take_turns(base, opts.case, opts.rounds, opts.repeats, sizes)
+    except subprocess.CalledProcessError as e:
+        print(f"bench_ab.py: error: {' '.join(map(str, e.cmd))} exited {e.returncode}", file=sys.stderr)
+        return 1
+    out.write_text(table(base, head, opts.case, opts.rounds, rows, sizes))
     with open(out.with_suffix(".jsonl"), "w") as f:
         for side_rows in rows.values():
             f.writelines(json.dumps(row) + "\n" for row in side_rows)
     print(out.read_text(), end="")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

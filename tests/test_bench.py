@@ -160,6 +160,20 @@ def test_ab_runs_both_commits_in_turn_from_their_own_code_and_removes_its_worktr
     assert "bench-ab-" not in worktrees
 
 
+@pytest.mark.timeout(120)
+def test_ab_stops_in_one_line_when_a_worker_fails_and_still_removes_its_worktree(tmp_path):
+    """--epochs 3 --block 2 passes bench_ab's own checks; the worker refuses it (not a multiple of the block)."""
+    cmd = [sys.executable, "-m", "launch.bench_ab", "HEAD", "--case", "default", "--epochs", "3", "--block", "2",
+           "--out", str(tmp_path / "ab.md")]
+    with own_session(cmd) as proc:
+        output, _ = proc.communicate(timeout=100)
+    assert proc.returncode == 1, output[-3000:]
+    assert "bench_ab.py: error: " in output and "exited 2" in output.splitlines()[-1]
+    assert "Traceback" not in output and not (tmp_path / "ab.md").exists()
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "bench-ab-" not in worktrees
+
+
 def test_ab_refuses_an_unknown_base_in_one_line():
     run = subprocess.run([sys.executable, "-m", "launch.bench_ab", "no-such-commit"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)

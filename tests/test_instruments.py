@@ -516,8 +516,7 @@ class GuardedLoop:
             if self.mistake != "no-train-mode":
                 self.model.train()
             for _ in range(steps):
-                self.guards.training_forward(self.model, step)
-                self.guards.grads_cleared(self.params, step)
+                self.guards.before_step(self.model, self.params, step)  # as Instruments.step_start calls them
                 F.cross_entropy(self.model(x), y).backward()
                 self.optimizer.step()
                 if self.mistake != "no-zero-grad":

@@ -155,7 +155,16 @@ def test_the_plain_step_computes_the_general_paths_floats():
         measured.append((micro, step))
         return NO_CONTEXT
 
-    plain = forward_backward(plain_model, torch.nn.CrossEntropyLoss(), data, idx, 24)
+    def no_general_path(*_):  # the plain path enters no context: DDP's no_sync choice is the general path's
+        raise AssertionError("the plain step took the general path")
+
+    import train
+
+    original, train.grad_sync = train.grad_sync, no_general_path
+    try:
+        plain = forward_backward(plain_model, torch.nn.CrossEntropyLoss(), data, idx, 24)
+    finally:
+        train.grad_sync = original
     general = forward_backward(general_model, torch.nn.CrossEntropyLoss(), data, idx, 24, measure=measure)
     assert measured == [(24, 24)]
     assert all(torch.equal(a, b) for a, b in zip(plain, general, strict=True))

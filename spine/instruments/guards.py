@@ -46,7 +46,8 @@ class Guards:
 
     def before_step(self, model: nn.Module, params: list[torch.Tensor], step: int) -> None:
         """training_forward and grads_cleared, as one call: on the healthy path, one flag and one .grad per
-        parameter (each extra call in the step loop is a visible share of a small model's step)."""
+        parameter (each extra call in the step loop is a visible share of a small model's step). `params` is a
+        list, not any iterable: a mistake walks it a second time."""
         if model.training:
             for p in params:
                 if p.grad is not None:
